@@ -1,0 +1,337 @@
+"""The varlen attention that a patched model runs, and its kernel backends.
+
+transformers calls an attention function by name from ``AttentionInterface``; seqpack registers
+one, ``"seqpack"``, and a patched model's config names it. Each attention layer then hands us
+its query/key/value of the packed (1, T) sequence plus the packing metadata, which transformers'
+modeling code forwards untouched as ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs.
+
+Backends, best first:
+- ``fa3``: FlashAttention-3 (``flash_attn_interface``), Hopper only.
+- ``flash_attn``: the flash-attn package's FlashAttention-2 varlen kernel.
+- ``torch``: PyTorch's own varlen FlashAttention-2 (``torch.nn.attention.varlen.varlen_attn``).
+- ``reference``: the model's own eager attention over a block-diagonal causal mask of the packed
+  sequence. Runs anywhere (CPU included) and honours every feature that model's eager code has,
+  so it is both the CPU path and the truth the kernels are tested against.
+
+A kernel that lacks a feature a layer needs (a softcap, attention sinks, dropout, fp32) is never
+asked to approximate it: that call runs on the reference path, and the switch is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger("seqpack")
+
+ATTN_NAME = "seqpack"
+BACKENDS = ("fa3", "flash_attn", "torch", "reference")
+_INSTALL_HINTS = {
+    "fa3": "FlashAttention-3 needs a Hopper GPU and the `flash_attn_interface` package "
+    "(built from flash-attention's hopper/ directory).",
+    "flash_attn": "install it with `pip install flash-attn --no-build-isolation` (needs a CUDA GPU).",
+    "torch": "PyTorch's varlen kernel needs torch >= 2.10 with CUDA "
+    "(`torch.nn.attention.varlen.varlen_attn`) and a CUDA device.",
+    "reference": "",
+}
+
+
+# --------------------------------------------------------------------------- availability probes
+
+
+@functools.cache
+def _varlen_fn(backend: str) -> Callable | None:
+    """The varlen kernel of a backend, or None when it cannot run here. Cached; tests clear it."""
+    if backend == "reference":
+        return _reference_attention
+    if backend == "torch":
+        varlen = importlib.import_module("torch.nn.attention")
+        fn = getattr(getattr(varlen, "varlen", None), "varlen_attn", None)
+        if fn is None:
+            try:
+                fn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
+            except (ImportError, AttributeError):
+                return None
+        return fn if torch.cuda.is_available() else None
+    module = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface"}[backend]
+    if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:
+        return None
+    fn = getattr(importlib.import_module(module), "flash_attn_varlen_func", None)
+    if fn is None:
+        return None
+    if getattr(fn, "_seqpack_stand_in", False):  # tests plumb arguments through a CPU stand-in
+        return fn
+    if not torch.cuda.is_available():
+        return None
+    if backend == "fa3" and torch.cuda.get_device_capability()[0] != 9:
+        return None
+    return fn
+
+
+@functools.cache
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, best first."""
+    return [b for b in BACKENDS if _varlen_fn(b) is not None]
+
+
+def resolve_backend(backend: str) -> str:
+    """Turn ``"auto"`` into the best available backend; check a named one exists."""
+    if backend == "auto":
+        chosen = available_backends()[0]
+        _log_once(f"seqpack: attention backend 'auto' -> '{chosen}' (available: {available_backends()})")
+        return chosen
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown seqpack backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}.")
+    if _varlen_fn(backend) is None:
+        raise ImportError(f"seqpack backend {backend!r} is not available here: {_INSTALL_HINTS[backend]}")
+    return backend
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _reference_attention(
+    module, query, key, value, cu_seqlens, max_seqlen, *, scaling, dropout, sliding_window, **kwargs
+):
+    """The model's own eager attention over a block-diagonal causal mask.
+
+    Args:
+        query: (1, Hq, T, D); key, value: (1, Hkv, T, D), as the attention layer gave them.
+        cu_seqlens: (N + 1,) int32.
+    Returns:
+        (1, T, Hq, D), like every transformers attention function.
+    """
+    total = query.shape[2]
+    device = query.device
+    seq_id = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=device), right=True)  # (T,)
+    pos = torch.arange(total, device=device)
+    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])  # (T, T)
+    if sliding_window:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
+    eager = _eager_function(module)
+    if eager is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} has no eager attention to honour its softcap/sinks on the reference path."
+            )
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, allowed[None, None], dropout=dropout, scaling=scaling, is_causal=False
+        )
+        return out
+    mask = torch.zeros(total, total, dtype=query.dtype, device=device)
+    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]  # (1, 1, T, T)
+    out, _ = eager(
+        module,
+        query,
+        key,
+        value,
+        mask,
+        scaling=scaling,
+        dropout=dropout,
+        sliding_window=sliding_window,
+        **kwargs,
+    )
+    return out
+
+
+def _eager_function(module) -> Callable | None:
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _kernel_attention(
+    backend,
+    fn,
+    module,
+    query,
+    key,
+    value,
+    cu_seqlens,
+    max_seqlen,
+    *,
+    scaling,
+    dropout,
+    sliding_window,
+    softcap,
+):
+    """One varlen kernel call. query: (1, Hq, T, D); key, value: (1, Hkv, T, D) -> (1, T, Hq, D)."""
+    q = query[0].transpose(0, 1)  # (T, Hq, D)
+    k = key[0].transpose(0, 1)  # (T, Hkv, D)
+    v = value[0].transpose(0, 1)
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    if backend == "torch":
+        if q.shape[1] != k.shape[1] and not _accepts(fn, "enable_gqa"):
+            # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads.
+            groups = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        out = fn(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            scale=scaling,
+            window_size=window,
+            **extra,
+        )
+    else:
+        extra = {"softcap": softcap} if softcap else {}
+        if backend == "flash_attn":
+            extra["dropout_p"] = dropout
+        out = fn(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            softmax_scale=scaling, causal=True, window_size=window, **extra,
+        )  # fmt: skip
+        if isinstance(out, tuple):  # some FA3 builds also return the log-sum-exp
+            out = out[0]
+    return out.unsqueeze(0)
+
+
+def _unsupported_feature(backend: str, fn, query, dropout, softcap, s_aux) -> str | None:
+    """Why this backend cannot compute this call exactly, or None."""
+    if backend == "reference":
+        return None
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"{query.dtype} inputs"
+    if query.shape[-1] > 256:
+        return f"head_dim {query.shape[-1]} > 256"
+    if s_aux is not None and not _accepts(fn, "s_aux"):
+        return "attention sinks"
+    if softcap and backend == "torch":
+        return "logit softcapping"
+    if dropout and backend != "flash_attn":
+        return "attention dropout"
+    return None
+
+
+# --------------------------------------------------------------------------- the registered function
+
+_active_backend: dict[int, str] = {}  # id(config) -> backend, set by patch()
+_original_impl: dict[int, str] = {}  # id(config) -> the attention implementation it had before patch()
+_packed_depth = 0  # > 0 while a patched model runs a packed forward
+
+
+class PackedForward:
+    """Context of one packed forward: lets the attention function catch a model that drops kwargs."""
+
+    def __enter__(self):
+        global _packed_depth
+        _packed_depth += 1
+
+    def __exit__(self, *exc):
+        global _packed_depth
+        _packed_depth -= 1
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function over the packed sequence.
+
+    Args:
+        query: (1, Hq, T, D); key, value: (1, Hkv, T, D).
+        kwargs: must hold ``cu_seq_lens_q`` ((N + 1,) int32) and ``max_length_q`` (int) during a
+            packed forward.
+    Returns:
+        ((1, T, Hq, D), None).
+    """
+    cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
+    max_seqlen = kwargs.pop("max_length_q", None)
+    for name in ("cu_seq_lens_k", "max_length_k", "position_ids"):
+        kwargs.pop(name, None)
+    config_id = id(module.config)
+    if cu_seqlens is None:
+        if _packed_depth:
+            raise RuntimeError(
+                f"seqpack: {type(module).__name__} was called without the packing metadata "
+                "(cu_seq_lens_q): this model does not forward attention kwargs, so it cannot be packed. "
+                "Call seqpack.unpatch(model)."
+            )
+        # Outside a packed forward (e.g. gradient-checkpoint recompute of an unpacked call):
+        # behave exactly like the implementation the model had before patch().
+        return _delegate(
+            module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs
+        )
+    if max_seqlen is None:
+        raise ValueError("seqpack: cu_seq_lens_q was given without max_length_q.")
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"seqpack: packed attention expects a (1, T) batch, got batch size {query.shape[0]}."
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
+        raise RuntimeError(
+            f"seqpack: {type(module).__name__} is bidirectional; packing supports causal attention only."
+        )
+    s_aux = kwargs.get("s_aux")
+    backend = _active_backend.get(config_id, "reference")
+    fn = _varlen_fn(backend)
+    why = _unsupported_feature(backend, fn, query, dropout, softcap, s_aux)
+    if why is not None:
+        _log_once(
+            f"seqpack: backend '{backend}' cannot do {why} ({type(module).__name__}); using 'reference' there"
+        )
+        backend, fn = "reference", _reference_attention
+    if backend == "reference":
+        out = _reference_attention(
+            module, query, key, value, cu_seqlens, max_seqlen,
+            scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )  # fmt: skip
+    else:
+        out = _kernel_attention(
+            backend, fn, module, query, key, value, cu_seqlens, max_seqlen,
+            scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+        )  # fmt: skip
+    return out, None
+
+
+def _delegate(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = _original_impl.get(id(module.config), "eager")
+    fn = _eager_function(module) if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+    extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
+    if softcap is not None:
+        extra["softcap"] = softcap
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs)
+
+
+def register() -> None:
+    """Register ``"seqpack"`` with transformers' AttentionInterface (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)

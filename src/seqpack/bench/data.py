@@ -1,0 +1,169 @@
+"""Token data for the benchmark, and the seeded batches every mode sees in the same order.
+
+The default is real text with real lengths: GSM8K train tokenised with the Mistral-7B v0.1
+tokenizer, shipped in this package as token ids (``data/``, built by ``data/build_gsm8k.py``) and
+read with the standard library only, so the default run needs no network, tokenizer or numpy.
+A user's JSONL (or, online, a hub dataset) is tokenised here with their tokenizer.
+
+A batch is a list of examples, each a list of token ids; the modes turn it into tensors
+(padded or flattened) themselves, so every mode starts from the very same ids.
+"""
+
+from __future__ import annotations
+
+import array
+import gzip
+import json
+import random
+import struct
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple
+
+MAGIC = b"SQPTOK01"
+DEFAULT_DATA = "gsm8k"
+_DEFAULT_FILE = "gsm8k_train.tokens.gz"
+
+
+class TokenData(NamedTuple):
+    """Tokenised examples.
+
+    Attributes:
+        name: what to call the data in reports.
+        examples: one list of token ids per example, BOS (and EOS) included.
+        vocab_size: size of the tokenizer that made the ids (ids are < vocab_size).
+    """
+
+    name: str
+    examples: list[list[int]]
+    vocab_size: int
+
+
+def decode_token_file(payload: bytes, name: str) -> TokenData:
+    """Parse the ``build_gsm8k.py`` format: magic, n, vocab, n uint32 lengths, uint16 ids."""
+    if payload[:8] != MAGIC:
+        raise ValueError(f"{name}: not a seqpack token file (bad magic {payload[:8]!r})")
+    n, vocab_size = struct.unpack_from("<II", payload, 8)
+    lengths = array.array("I")
+    lengths.frombytes(payload[16 : 16 + 4 * n])
+    ids = array.array("H")
+    ids.frombytes(payload[16 + 4 * n :])
+    if sys.byteorder == "big":
+        lengths.byteswap()
+        ids.byteswap()
+    if sum(lengths) != len(ids):
+        raise ValueError(f"{name}: lengths add up to {sum(lengths)} tokens, file holds {len(ids)}")
+    examples, start = [], 0
+    for length in lengths:
+        examples.append(ids[start : start + length].tolist())
+        start += length
+    return TokenData(name, examples, vocab_size)
+
+
+def load_default() -> TokenData:
+    """GSM8K train (7,473 examples, mean 199 tokens), as shipped in ``seqpack/bench/data``."""
+    payload = gzip.decompress(resources.files("seqpack.bench").joinpath("data", _DEFAULT_FILE).read_bytes())
+    return decode_token_file(payload, "gsm8k-train (mistral-7b tokenizer)")
+
+
+class Tokenizer(NamedTuple):
+    """A text -> ids function that adds the tokenizer's BOS, and the vocab size it draws from."""
+
+    encode: object
+    vocab_size: int
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A sentencepiece ``.model`` file, or anything ``AutoTokenizer.from_pretrained`` takes."""
+    if path.endswith(".model") and Path(path).is_file():
+        try:
+            import sentencepiece as spm
+        except ImportError as e:
+            raise SystemExit(f"--tokenizer {path} is a sentencepiece model: pip install sentencepiece") from e
+        sp = spm.SentencePieceProcessor(model_file=path)
+        bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
+        return Tokenizer(lambda text: bos + sp.encode(text), sp.vocab_size())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    # len(tok) counts added tokens too, which vocab_size does not.
+    return Tokenizer(lambda text: tok(text)["input_ids"], len(tok))
+
+
+def _read_records(source: str, split: str) -> list[dict]:
+    if Path(source).is_file():
+        with open(source, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    try:
+        import datasets
+    except ImportError as e:
+        raise SystemExit(
+            f"--data {source}: no such file; to read a hub dataset, pip install datasets (and be online)"
+        ) from e
+    return list(datasets.load_dataset(source, split=split))
+
+
+def load_text_data(
+    source: str,
+    *,
+    tokenizer: str,
+    text_field: str = "text",
+    template: str | None = None,
+    split: str = "train",
+) -> TokenData:
+    """Tokenise a JSONL file (one JSON object a line) or a hub dataset.
+
+    Args:
+        source: path to a .jsonl file, or a hub dataset name (needs `datasets` and a network).
+        tokenizer: see `load_tokenizer`.
+        text_field: the record's field holding the text, when no template is given.
+        template: a `str.format` template over the record's fields, e.g.
+            "Question: {question}\\nAnswer: {answer}".
+    Returns:
+        TokenData with one example per non-empty record.
+    """
+    records = _read_records(source, split)
+    if not records:
+        raise SystemExit(f"--data {source}: no records")
+    tok = load_tokenizer(tokenizer)
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            text = template.format(**record) if template else record[text_field]
+        except KeyError as e:
+            raise SystemExit(f"--data {source}: record {i} has no field {e}; it has {sorted(record)}") from e
+        ids = list(tok.encode(text))
+        if ids:
+            examples.append(ids)
+    return TokenData(f"{Path(source).name} ({Path(tokenizer).name})", examples, tok.vocab_size)
+
+
+def make_batches(
+    data: TokenData, *, batch_size: int, num_batches: int, seed: int, max_length: int | None = None
+) -> list[list[list[int]]]:
+    """Seeded batches of random examples, drawn without replacement (reshuffled each epoch).
+
+    Examples longer than ``max_length`` are cut to their first ``max_length`` tokens; examples
+    shorter than 2 tokens are dropped (they have no next-token target).
+    """
+    pool = [e[:max_length] if max_length else e for e in data.examples]
+    pool = [e for e in pool if len(e) >= 2]
+    if len(pool) < batch_size:
+        raise SystemExit(f"{data.name}: {len(pool)} usable examples, fewer than --batch-size {batch_size}")
+    rng = random.Random(seed)
+    order: list[int] = []
+    batches = []
+    for _ in range(num_batches):
+        if len(order) < batch_size:
+            epoch = list(range(len(pool)))
+            rng.shuffle(epoch)
+            order = epoch
+        batches.append([pool[i] for i in order[:batch_size]])
+        order = order[batch_size:]
+    return batches
+
+
+def fold_vocab(batches: list[list[list[int]]], vocab_size: int) -> list[list[list[int]]]:
+    """Map ids into a smaller model vocab (id % vocab_size): keeps lengths, loses meaning."""
+    return [[[t % vocab_size for t in example] for example in batch] for batch in batches]

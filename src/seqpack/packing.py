@@ -1,0 +1,146 @@
+"""Padded batch <-> one packed varlen sequence.
+
+Pure tensor operations, no model knowledge. A padded batch of B rows and L columns with a 0/1
+attention mask becomes one (1, T) sequence of its T real tokens, described by the varlen
+vocabulary of flash-attention: ``indices`` (where each real token sat in the flattened (B * L)
+batch), ``cu_seqlens`` (B + 1 cumulative lengths, int32 as the kernels want) and ``max_seqlen``.
+
+Everything that needs the host (T, max_seqlen, input validation) is read in one device->host copy
+per forward; everything else stays on the device, so the packed length is the only dynamic shape.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class VarlenMetadata(NamedTuple):
+    """How a padded (B, L) batch maps onto one packed (1, T) sequence.
+
+    Attributes:
+        indices: (T,) int64, flat positions of the real tokens in the (B * L) batch; None for an
+            input that arrived packed.
+        cu_seqlens: (B + 1,) int32, cumulative sequence lengths in the packed sequence.
+        max_seqlen: int, the longest sequence.
+        position_ids: (1, T) int64, positions of the packed tokens.
+        batch_size: B of the padded batch (1 for pre-packed input).
+        seq_len: L of the padded batch (T for pre-packed input).
+    """
+
+    indices: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    position_ids: torch.Tensor
+    batch_size: int
+    seq_len: int
+
+    @property
+    def total(self) -> int:
+        return self.position_ids.shape[-1]
+
+
+def _nonzero(mask_flat: torch.Tensor, size: int) -> torch.Tensor:
+    # nonzero() would sync again to learn its output size; we already know it.
+    if hasattr(torch, "nonzero_static"):
+        return torch.nonzero_static(mask_flat, size=size).squeeze(-1)
+    return mask_flat.nonzero().squeeze(-1)
+
+
+def metadata_from_mask(
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    position_ids: torch.Tensor | None = None,
+) -> VarlenMetadata:
+    """Pack a padded batch: real tokens of each row form one sequence.
+
+    Args:
+        attention_mask: (B, L) 0/1 of any dtype, or None for "every token is real". Real tokens of a
+            row must be contiguous (left padding, right padding, or both).
+        batch_size, seq_len: B and L of the inputs.
+        device: where the inputs live.
+        position_ids: optional (B, L) or (1, L) positions given by the caller; gathered if given,
+            otherwise positions restart at 0 for each sequence.
+
+    Returns:
+        VarlenMetadata. Raises ValueError for a mask that is not 0/1 or has holes.
+
+    Example:
+        >>> m = metadata_from_mask(torch.tensor([[1, 1, 0], [1, 1, 1]]), 2, 3, torch.device("cpu"))
+        >>> m.cu_seqlens.tolist(), m.max_seqlen, m.position_ids.tolist()
+        ([0, 2, 5], 3, [[0, 1, 0, 1, 2]])
+    """
+    if attention_mask is None:
+        mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        bad_values = torch.zeros((), dtype=torch.long, device=device)
+    else:
+        bad_values = ((attention_mask != 0) & (attention_mask != 1)).sum()
+        mask = attention_mask != 0  # (B, L) bool
+    seqlens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    # A row is one contiguous block iff it has at most one 0 -> 1 rising edge.
+    rises = (mask & ~F.pad(mask[:, :-1], (1, 0), value=False)).sum(dim=1)
+    holes = (rises > 1).sum()
+    total, max_seqlen, n_bad, n_holes = torch.stack(
+        [seqlens.sum().long(), seqlens.max().long(), bad_values, holes]
+    ).tolist()  # the one host sync of a forward
+    if n_bad:
+        raise ValueError(
+            "attention_mask must hold only 0 and 1 (1 = real token, 0 = padding); "
+            f"found {n_bad} other values. Pass a padding mask, not an additive or weighted mask."
+        )
+    if n_holes:
+        raise ValueError(
+            f"attention_mask has padding inside a sequence in {n_holes} row(s): the real tokens of each "
+            "row must be contiguous (left or right padding). To feed several sequences in one row, "
+            "pack them with position_ids restarting at 0 and no attention_mask."
+        )
+    indices = _nonzero(mask.flatten(), total)  # (T,)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+    if position_ids is None:
+        starts = cu_seqlens[:-1].long().repeat_interleave(seqlens.long(), output_size=total)
+        packed_pos = torch.arange(total, device=device) - starts  # (T,)
+    else:
+        packed_pos = position_ids.expand(batch_size, seq_len).reshape(-1)[indices]
+    return VarlenMetadata(indices, cu_seqlens, max_seqlen, packed_pos.unsqueeze(0), batch_size, seq_len)
+
+
+def metadata_from_position_ids(position_ids: torch.Tensor) -> VarlenMetadata:
+    """Read the sequences of an already packed (1, T) batch from positions restarting at 0.
+
+    This is the format of transformers' DataCollatorWithFlattening and TRL's padding-free collator.
+
+    Args:
+        position_ids: (1, T) int, 0 at the first token of each sequence.
+    """
+    pos = position_ids.reshape(-1)
+    total = pos.shape[0]
+    starts = (pos == 0).nonzero().squeeze(-1).to(torch.int32)  # host sync
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = F.pad(starts, (1, 0))
+    cu_seqlens = torch.cat([starts, starts.new_tensor([total])])
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return VarlenMetadata(None, cu_seqlens, max_seqlen, position_ids.reshape(1, -1), 1, total)
+
+
+def pack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
+    """(B, L, ...) -> (1, T, ...): keep the real tokens, in order."""
+    if meta.indices is None:
+        return x
+    flat = x.reshape(meta.batch_size * meta.seq_len, *x.shape[2:])
+    return flat.index_select(0, meta.indices).unsqueeze(0)
+
+
+def unpack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
+    """(1, T, ...) -> (B, L, ...): real tokens back in place, zeros at padding."""
+    if meta.indices is None:
+        return x
+    rest = x.shape[2:]
+    out = x.new_zeros(meta.batch_size * meta.seq_len, *rest)
+    out = out.index_copy(0, meta.indices, x[0])
+    return out.view(meta.batch_size, meta.seq_len, *rest)

@@ -1,0 +1,460 @@
+"""patch() / unpatch(): what is wrapped, recorded and restored.
+
+``patch(model)`` changes one instance and nothing else:
+- its forward (the top-level forward for a causal LM, so the LM head and the loss run on real
+  tokens only; the base model's forward for any other head) is wrapped: padded inputs are packed
+  into one (1, T) sequence, the original forward runs on it with the packing metadata as kwargs,
+  and outputs are unpacked back to the padded layout;
+- the configs of its decoder name the ``"seqpack"`` attention function.
+Both are recorded on the instance and undone by ``unpatch``. State-dict keys never change.
+
+Whether a model can be packed exactly is decided by looking at it (config, modules, forward
+signatures); ``_EXCEPTIONS`` holds the few types that pass those checks and are still wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import attention
+from .loss import shift_labels as _shift_labels
+from .packing import (
+    IGNORE_INDEX,
+    VarlenMetadata,
+    metadata_from_mask,
+    pack,
+    unpack,
+)
+
+logger = logging.getLogger("seqpack")
+
+_RECORD = "_seqpack_record"
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+_SEQUENCE_MIXER_WORDS = (
+    "mamba",
+    "ssm",
+    "rwkv",
+    "recurrent",
+    "deltanet",
+    "linearattention",
+    "shortconv",
+    "lightning",
+)
+
+# Types that look packable to every generic check below and are not; each with the reason.
+_EXCEPTIONS: dict[str, str] = {}
+
+
+class UnsupportedModelError(ValueError):
+    """Raised by ``patch`` for a model that cannot be packed exactly."""
+
+
+@dataclass
+class _Record:
+    owner: nn.Module  # the module whose forward is wrapped
+    previous_forward: Any  # the instance attribute it had, or None
+    configs: list = field(default_factory=list)  # (config, original attention implementation)
+    backend: str = "reference"
+    causal_lm: bool = False
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | None:
+    for module in base.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and (n_layers is None or len(module) == n_layers)
+        ):
+            return module
+    return None
+
+
+_SOURCE_CACHE: dict[type, bool] = {}
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls not in _SOURCE_CACHE:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _SOURCE_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _SOURCE_CACHE[cls]
+
+
+def _takes_var_kwargs(fn) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    return (
+        name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        or name.endswith(("ForCausalLM", "LMHeadModel"))
+    ) and model.get_output_embeddings() is not None
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be packed exactly, or None if it can."""
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    if model_type in _EXCEPTIONS:
+        return _EXCEPTIONS[model_type]
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model; seqpack packs decoder-only (causal) models"
+    text_config = _text_config(model)
+    if getattr(text_config, "is_causal", True) is False:
+        return "its config sets is_causal=False (bidirectional attention)"
+    layer_types = set(getattr(text_config, "layer_types", None) or ())
+    if layer_types - _ATTENTION_LAYER_TYPES:
+        return (
+            f"it has {sorted(layer_types - _ATTENTION_LAYER_TYPES)} layers; packing separates sequences "
+            "only in full or sliding-window attention"
+        )
+    if getattr(text_config, "attention_chunk_size", None):
+        return "it uses chunked attention, which the varlen kernels do not compute"
+    base = _base_model(model)
+    layers = _decoder_layers(base, getattr(text_config, "num_hidden_layers", None))
+    if layers is None:
+        return "no decoder layer stack was found"
+    attn_modules = []
+    for i, layer in enumerate(layers):
+        found = [m for m in layer.modules() if _uses_attention_interface(m)]
+        if not found:
+            return (
+                f"decoder layer {i} ({type(layer).__name__}) has no attention through transformers' "
+                "attention interface (its attention is built in, or the layer is recurrent/SSM/convolutional)"
+            )
+        attn_modules += found
+    for module in attn_modules:
+        if getattr(module, "is_causal", True) is False:
+            return f"{type(module).__name__} is bidirectional (is_causal=False)"
+    for name, module in layers.named_modules():
+        cls = type(module).__name__.lower()
+        if isinstance(module, nn.Conv1d) or any(w in cls for w in _SEQUENCE_MIXER_WORDS):
+            return (
+                f"{type(module).__name__} ({name}) mixes tokens along the sequence outside attention "
+                "(a convolution or recurrent state), which would leak across packed sequences"
+            )
+    forward = type(base).forward
+    if "position_ids" not in inspect.signature(forward).parameters:
+        return (
+            f"{type(base).__name__}.forward takes no position_ids, so positions cannot restart per sequence"
+        )
+    if not _takes_var_kwargs(forward):
+        return (
+            f"{type(base).__name__}.forward takes no **kwargs, so the packing metadata cannot reach attention"
+        )
+    if not _takes_var_kwargs(type(model).forward):
+        return f"{type(model).__name__}.forward takes no **kwargs, so the packing metadata cannot reach attention"
+    return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if get_base is not None and type(model).__module__.startswith("peft"):
+        return get_base()
+    return model
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``patch`` has been applied to this model (or to the model inside its PEFT wrapper)."""
+    return hasattr(_unwrap(model), _RECORD)
+
+
+def patch(model: nn.Module, *, backend: str = "auto", strict: bool = True) -> nn.Module:
+    """Make a transformers model train padding-free on ordinary padded batches.
+
+    Args:
+        model: a ``PreTrainedModel`` (any head, or the bare base model), or a PEFT model.
+        backend: ``"auto"`` (best available, logged once), ``"fa3"``, ``"flash_attn"``, ``"torch"``
+            or ``"reference"``. A named backend that is not available raises ImportError with a hint.
+        strict: raise ``UnsupportedModelError`` for a model that cannot be packed exactly;
+            with ``strict=False`` warn and return the model untouched.
+
+    Returns:
+        The same model object, patched in place.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
+        >>> patch(model)  # doctest: +SKIP
+    """
+    target = _unwrap(model)
+    if hasattr(target, _RECORD):
+        record = getattr(target, _RECORD)
+        if backend not in ("auto", record.backend):
+            raise ValueError(
+                f"model is already patched with backend {record.backend!r}; "
+                f"call seqpack.unpatch(model) before patching with {backend!r}"
+            )
+        return model
+    if not hasattr(target, "config"):
+        raise TypeError(f"seqpack.patch expects a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = getattr(target.config, "model_type", type(target).__name__)
+    reason = unsupported_reason(target)
+    if reason is not None:
+        message = (
+            f"seqpack cannot pack model_type {model_type!r} ({type(target).__name__}) exactly: {reason}."
+        )
+        if strict:
+            raise UnsupportedModelError(message)
+        warnings.warn(message + " The model is left unpatched.", stacklevel=2)
+        return model
+    chosen = attention.resolve_backend(backend)
+    attention.register()
+    causal_lm = _is_causal_lm(target)
+    owner = target if causal_lm else _base_model(target)
+    record = _Record(
+        owner=owner, previous_forward=owner.__dict__.get("forward"), backend=chosen, causal_lm=causal_lm
+    )
+    for config in _attention_configs(target):
+        record.configs.append((config, config._attn_implementation))
+        attention._original_impl[id(config)] = config._attn_implementation or "eager"
+        attention._active_backend[id(config)] = chosen
+        config._attn_implementation_internal = attention.ATTN_NAME
+    owner.forward = _make_forward(owner, record)
+    setattr(target, _RECORD, record)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the original forward and attention implementation, exactly."""
+    target = _unwrap(model)
+    record = target.__dict__.pop(_RECORD, None)
+    if record is None:
+        return model
+    if record.previous_forward is None:
+        del record.owner.forward
+    else:
+        record.owner.forward = record.previous_forward
+    for config, impl in record.configs:
+        config._attn_implementation_internal = impl
+        attention._original_impl.pop(id(config), None)
+        attention._active_backend.pop(id(config), None)
+    return model
+
+
+def _attention_configs(model: nn.Module) -> list:
+    """The distinct config objects of the decoder's attention modules."""
+    seen = {}
+    for module in _base_model(model).modules():
+        if _uses_attention_interface(module) and hasattr(module, "config"):
+            seen.setdefault(id(module.config), module.config)
+    configs = list(seen.values())
+    base_config = _base_model(model).config
+    if id(base_config) not in seen:
+        configs.append(base_config)  # mask creation in the base model reads this one
+    return configs
+
+
+# --------------------------------------------------------------------------- the wrapped forward
+
+_CACHE_NAMES = ("past_key_values", "cache")
+
+
+def _make_forward(owner: nn.Module, record: _Record):
+    original = (
+        type(owner).forward.__get__(owner) if record.previous_forward is None else record.previous_forward
+    )
+    signature = inspect.signature(type(owner).forward)
+
+    def forward(*args, **kwargs):
+        inputs = signature.bind_partial(owner, *args, **kwargs).arguments
+        inputs.pop("self", None)
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                inputs.update(inputs.pop(name, {}))
+        why = _passthrough_reason(owner, inputs)
+        if why is not None:
+            _log_passthrough(why)
+            with _original_attention(record):
+                return original(*args, **kwargs)
+        return _packed_call(original, record, inputs)
+
+    forward.__wrapped__ = original
+    forward.__doc__ = getattr(original, "__doc__", None)
+    return forward
+
+
+def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
+    if any(inputs.get(name) is not None for name in _CACHE_NAMES):
+        return "a KV cache was passed (generation)"
+    if inputs.get("use_cache") and not owner.training:
+        return "use_cache=True at inference (generation)"
+    if inputs.get("output_attentions"):
+        return "output_attentions=True needs the full attention matrix"
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+        return "a 4-D custom attention mask was passed"
+    keep = inputs.get("logits_to_keep")
+    if isinstance(keep, torch.Tensor) or (isinstance(keep, int) and keep != 0):
+        return "logits_to_keep was set (generation)"
+    return None
+
+
+def _log_passthrough(why: str) -> None:
+    attention._log_once(f"seqpack: running the original forward because {why}")
+
+
+class _original_attention:
+    """Give the decoder back its original attention implementation for one unpacked call."""
+
+    def __init__(self, record: _Record):
+        self.record = record
+
+    def __enter__(self):
+        for config, impl in self.record.configs:
+            config._attn_implementation_internal = impl
+
+    def __exit__(self, *exc):
+        for config, _ in self.record.configs:
+            config._attn_implementation_internal = attention.ATTN_NAME
+
+
+def _check_inputs(inputs: dict) -> tuple[int, int, torch.device]:
+    input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+    if (input_ids is None) == (embeds is None):
+        raise ValueError("seqpack: pass exactly one of input_ids (B, L) or inputs_embeds (B, L, H).")
+    x = input_ids if input_ids is not None else embeds
+    if x.ndim != (2 if input_ids is not None else 3):
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(
+            f"seqpack: {name} must be {'(B, L)' if name == 'input_ids' else '(B, L, H)'}, got {tuple(x.shape)}."
+        )
+    batch, length = x.shape[:2]
+    mask = inputs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length)):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"seqpack: attention_mask has shape {shape} but the inputs are ({batch}, {length}); pass a (B, L) "
+            "padding mask of 0/1 (or a 4-D custom mask, which runs the original unpacked forward)."
+        )
+    for name in ("position_ids", "labels"):
+        value = inputs.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[-1] != length:
+            raise ValueError(
+                f"seqpack: {name} has shape {tuple(value.shape)} but the inputs are ({batch}, {length})."
+            )
+    return batch, length, x.device
+
+
+def _metadata(inputs: dict, batch: int, length: int, device: torch.device) -> VarlenMetadata:
+    """Packing metadata: from the caller's varlen kwargs, a pre-packed batch, or the padding mask."""
+    mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
+    cu_seqlens = inputs.get("cu_seq_lens_q")
+    prepacked = batch == 1 and position_ids is not None and (mask is None or bool(mask.all()))
+    if cu_seqlens is not None or prepacked:
+        if cu_seqlens is None:
+            # Sequences start where positions do not step by one (transformers' own rule).
+            pos = position_ids.reshape(-1)
+            starts = torch.ones_like(pos, dtype=torch.bool)
+            starts[1:] = pos[1:] - pos[:-1] != 1
+            cu_seqlens = torch.cat([starts.nonzero().flatten(), pos.new_tensor([pos.numel()])]).to(
+                torch.int32
+            )
+        max_seqlen = inputs.get("max_length_q")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if position_ids is None:
+            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            position_ids = torch.arange(length, device=device) - cu_seqlens[:-1].long().repeat_interleave(
+                seqlens
+            )
+        return VarlenMetadata(
+            None,
+            cu_seqlens.to(device=device, dtype=torch.int32),
+            int(max_seqlen),
+            position_ids.reshape(1, -1),
+            1,
+            length,
+        )
+    return metadata_from_mask(mask, batch, length, device, position_ids)
+
+
+def _packed_call(original, record: _Record, inputs: dict):
+    batch, length, device = _check_inputs(inputs)
+    meta = _metadata(inputs, batch, length, device)
+    mask = inputs.pop("attention_mask", None)
+    return_dict = inputs.pop("return_dict", None)
+    labels = inputs.pop("labels", None)
+    call = {}
+    for name, value in inputs.items():
+        if name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (batch, length):
+            value = pack(value, meta)  # input_ids, inputs_embeds, token_type_ids, ...
+        call[name] = value
+    call.update(
+        position_ids=meta.position_ids,
+        cu_seq_lens_q=meta.cu_seqlens,
+        cu_seq_lens_k=meta.cu_seqlens,
+        max_length_q=meta.max_seqlen,
+        max_length_k=meta.max_seqlen,
+        use_cache=False,
+        return_dict=True,
+    )
+    if labels is not None:
+        if not record.causal_lm:
+            call["labels"] = labels
+        else:
+            targets = _shift_labels(labels, mask, meta)  # (1, T)
+            # Labels whose plain one-step shift gives the same targets, for models that ignore
+            # shift_labels; models that honour it use the targets directly.
+            call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
+            call["shift_labels"] = targets
+    with attention.PackedForward():
+        output = original(**call)
+    output = _unpack_output(output, meta)
+    if return_dict is False:
+        return output.to_tuple()
+    return output
+
+
+def _unpack_output(output, meta: VarlenMetadata):
+    if meta.indices is None:
+        return output
+    total = meta.total
+    for key in list(output.keys()):
+        value = output[key]
+        if (
+            isinstance(value, torch.Tensor)
+            and value.ndim >= 2
+            and value.shape[0] == 1
+            and value.shape[1] == total
+        ):
+            output[key] = unpack(value, meta)
+        elif key == "hidden_states" and isinstance(value, tuple):
+            output[key] = tuple(unpack(h, meta) for h in value)
+    for name in _CACHE_NAMES:
+        if name in output.keys():
+            output[name] = None
+    return output

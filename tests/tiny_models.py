@@ -1,0 +1,302 @@
+"""Tiny random causal-LM models for every architecture transformers knows, built offline.
+
+Tests parametrize over `causal_lm_types()` and build each model with `build_tiny_model`, so the
+whole set must build and run a short forward in well under two minutes on a laptop CPU. The
+shrinking is generic: a table of attribute names that mean "width", "depth", "heads", "experts" and
+so on is applied wherever the default config has that attribute, and per-layer lists
+(`layer_types`, `mlp_layer_types`, ...) are cut down to one layer of each kind, in order. A small
+table of per-type overrides handles the real exceptions, and `UNBUILDABLE` names the types that no
+tiny config can make run a text-only forward, with the reason, so callers can skip them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = 16
+INTERMEDIATE = 64
+VOCAB = 256
+MAX_POSITIONS = 512
+EXPERTS = 4
+TOP_K = 2
+SLIDING_WINDOW = 8
+
+# Attribute name -> tiny value, applied wherever the default config has the attribute.
+_SHRINK = {
+    # width
+    "hidden_size": HIDDEN,
+    "n_embd": HIDDEN,
+    "d_model": HIDDEN,
+    "emb_dim": HIDDEN,
+    "embedding_size": HIDDEN,
+    "word_embed_proj_dim": HIDDEN,
+    "input_embedding_size": HIDDEN,
+    "output_embedding_size": HIDDEN,
+    # depth
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "n_layers": 2,
+    "num_layers": 2,
+    "decoder_layers": 2,
+    "encoder_layers": 2,
+    "num_decoder_layers": 2,
+    "num_encoder_layers": 2,
+    # heads
+    "num_attention_heads": HEADS,
+    "n_head": HEADS,
+    "n_heads": HEADS,
+    "num_heads": HEADS,
+    "decoder_attention_heads": HEADS,
+    "encoder_attention_heads": HEADS,
+    "num_decoder_attention_heads": HEADS,
+    "num_encoder_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "num_kv_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "attention_head_size": HEAD_DIM,
+    "d_head": HEAD_DIM,
+    "dim_head": HEAD_DIM,
+    # feed-forward
+    "intermediate_size": INTERMEDIATE,
+    "ffn_dim": INTERMEDIATE,
+    "decoder_ffn_dim": INTERMEDIATE,
+    "encoder_ffn_dim": INTERMEDIATE,
+    "n_inner": INTERMEDIATE,
+    "d_ff": INTERMEDIATE,
+    "dff": INTERMEDIATE,
+    "dim_ff": INTERMEDIATE,
+    "d_inner": INTERMEDIATE,
+    "ffn_hidden_size": INTERMEDIATE,
+    "feed_forward_size": INTERMEDIATE,
+    "intermediate_size_mlp": INTERMEDIATE,
+    "dense_intermediate_size": INTERMEDIATE,
+    # vocabulary and positions
+    "vocab_size": VOCAB,
+    "max_position_embeddings": MAX_POSITIONS,
+    "n_positions": MAX_POSITIONS,
+    "n_ctx": MAX_POSITIONS,
+    "max_target_positions": MAX_POSITIONS,
+    "max_seq_len": MAX_POSITIONS,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 1,
+    # mixture of experts
+    "num_experts": EXPERTS,
+    "num_local_experts": EXPERTS,
+    "n_routed_experts": EXPERTS,
+    "moe_num_experts": EXPERTS,
+    "num_experts_per_tok": TOP_K,
+    "num_experts_per_token": TOP_K,
+    "moe_k": TOP_K,
+    "moe_topk": TOP_K,
+    "moe_top_k": TOP_K,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    "moe_intermediate_size": INTERMEDIATE // 2,
+    "shared_expert_intermediate_size": INTERMEDIATE // 2,
+    "shared_experts_intermediate_size": INTERMEDIATE // 2,
+    "shared_intermediate_size": INTERMEDIATE // 2,
+    "moe_shared_expert_intermediate_size": INTERMEDIATE // 2,
+    "expert_ffn_hidden_size": INTERMEDIATE // 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_expert_group": 1,
+    "first_k_dense_replace": 1,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_jitter_noise": 0.0,
+    "input_jitter_noise": 0.0,
+    # multi-head latent attention and sparse indexers
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": HEAD_DIM,
+    "qk_rope_head_dim": 8,
+    "qk_head_dim": HEAD_DIM + 8,
+    "v_head_dim": HEAD_DIM,
+    "index_n_heads": 2,
+    "index_head_dim": HEAD_DIM,
+    "index_topk": 8,
+    # linear attention and state-space layers
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": HEADS,
+    "linear_key_head_dim": HEAD_DIM,
+    "linear_value_head_dim": HEAD_DIM,
+    "linear_num_heads": HEADS,
+    "linear_head_dim": HEAD_DIM,
+    "state_size": 8,
+    "ssm_state_size": 8,
+    "mamba_d_state": 8,
+    "mamba_d_head": HEAD_DIM,
+    "mamba_head_dim": HEAD_DIM,
+    "mamba_headdim": HEAD_DIM,
+    "mamba_n_heads": 8,
+    "mamba_num_heads": 8,
+    "n_mamba_heads": 8,
+    "mamba_n_groups": 1,
+    "mamba_ngroups": 1,
+    "n_groups": 1,
+    "mamba_expand": 2,
+    "expand": 2,
+    "time_step_rank": 8,
+    "mamba_dt_rank": 8,
+    "mamba_d_ssm": 2 * HIDDEN,
+    "rotary_dim": HEAD_DIM // 2,
+    # sliding windows, small so ~20-token tests cross the window
+    "sliding_window": SLIDING_WINDOW,
+    "sliding_window_size": SLIDING_WINDOW,
+    "attention_window_size": SLIDING_WINDOW,
+    "local_attention_window_len": SLIDING_WINDOW,
+}
+
+# Attributes set even where the default is None (None means "derive it", or is a bug).
+_SET_IF_NONE = ("head_dim", "num_key_value_heads", "pad_token_id")
+
+# Per-layer attributes whose values are layer indices (not one entry per layer).
+_LAYER_INDEX_LISTS = ("full_attn_idxs", "no_rope_layers", "moe_layers", "hybrid_layer_ids", "ple_layer_ids")
+
+# Per-type overrides, applied after the generic shrink; only where the generic path is wrong.
+_OVERRIDES: dict[str, dict] = {}
+
+# Types for which no tiny config runs a text-only forward; value is the reason (for pytest.skip).
+UNBUILDABLE: dict[str, str] = {}
+
+
+def causal_lm_types() -> list[str]:
+    """Every `model_type` with an `AutoModelForCausalLM` mapping in the installed transformers.
+
+    Returns:
+        Sorted list of model_type strings, e.g. `["afmoe", "apertus", ..., "zamba2"]`.
+    """
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _num_layers(config: PretrainedConfig) -> int | None:
+    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _per_layer_overrides(config: PretrainedConfig) -> dict:
+    """Cut every per-layer list down to the first layer of each distinct kind, keeping order.
+
+    A layer's "kind" is the tuple of its entries across all per-layer lists, so a hybrid with
+    attention/mamba mixers and dense/MoE MLPs keeps one layer of each combination it uses.
+    """
+    n = _num_layers(config)
+    if not n:
+        return {}
+    values = config.to_dict()
+    lists = {
+        name: value
+        for name, value in values.items()
+        if (isinstance(value, list) or (isinstance(value, str) and "pattern" in name))
+        and len(value) == n
+        and n > 1
+        and name not in _LAYER_INDEX_LISTS
+    }
+    lists = {name: value for name, value in lists.items() if name not in _SHRINK}
+    if not lists:
+        return {}
+    kinds = list(zip(*lists.values()))
+    keep: list[int] = []
+    seen: set = set()
+    for i, kind in enumerate(kinds):
+        key = repr(kind)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < 2:
+        keep = sorted(set(keep) | {1})
+    out = {}
+    for name, value in lists.items():
+        picked = [value[i] for i in keep]
+        out[name] = "".join(picked) if isinstance(value, str) else picked
+    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers"):
+        if hasattr(config, name):
+            out[name] = len(keep)
+    return out
+
+
+def _shrink_overrides(config: PretrainedConfig) -> dict:
+    """Keyword overrides that make `config` tiny, sub-configs included (as dicts)."""
+    present = config.to_dict()
+    out: dict = {}
+    for name, value in _SHRINK.items():
+        # Only serialized fields: properties and attribute_map aliases are derived from them.
+        if name not in present or isinstance(getattr(type(config), name, None), property):
+            continue
+        current = present[name]
+        if isinstance(current, bool) or (current is None and name not in _SET_IF_NONE):
+            continue
+        out[name] = value
+    if present.get("qk_rope_head_dim") and "head_dim" in present:
+        # Multi-head latent attention: `head_dim` is the rotary part of each query/key head.
+        out["head_dim"] = out.get("qk_rope_head_dim", present["qk_rope_head_dim"])
+    for name, value in present.items():
+        lowered = name.lower()
+        if isinstance(value, float) and ("dropout" in lowered or "pdrop" in lowered or "layerdrop" in lowered):
+            out[name] = 0.0
+    out.update(_per_layer_overrides(config))
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if isinstance(sub, PretrainedConfig):
+            out[name] = {**sub.to_dict(), **_shrink_overrides(sub)}
+    return out
+
+
+def tiny_config(model_type: str) -> PretrainedConfig:
+    """A tiny random config for `model_type`: hidden 64, 2 layers, 4 heads (2 kv), vocab 256.
+
+    Args:
+        model_type: a key of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, e.g. `"llama"`.
+
+    Returns:
+        The config, with every dropout 0.0, pad_token_id 0 where the config has one, 4 experts
+        with top-2 routing for MoE, and sliding windows of 8 tokens.
+
+    Example:
+        >>> tiny_config("llama").hidden_size
+        64
+    """
+    default = AutoConfig.for_model(model_type)
+    overrides = _shrink_overrides(default)
+    overrides.update(_OVERRIDES.get(model_type, {}))
+    return AutoConfig.for_model(model_type, **overrides)
+
+
+def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build a seeded tiny `AutoModelForCausalLM` for `model_type` in eval mode, without downloads.
+
+    Eager attention is requested so the unpatched model is a plain reference; types that reject
+    it fall back to their default implementation.
+
+    Args:
+        model_type: a key of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, e.g. `"qwen3"`.
+        seed: seed for the random weights.
+        dtype: parameter dtype.
+
+    Returns:
+        The model, in eval mode, on CPU.
+
+    Example:
+        >>> model = build_tiny_model("llama")
+        >>> model(torch.ones(1, 5, dtype=torch.long)).logits.shape
+        torch.Size([1, 5, 256])
+    """
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+    except ValueError:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
