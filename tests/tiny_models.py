@@ -161,8 +161,46 @@ _SET_IF_NONE = ("head_dim", "num_key_value_heads", "pad_token_id")
 # Per-layer attributes whose values are layer indices (not one entry per layer).
 _LAYER_INDEX_LISTS = ("full_attn_idxs", "no_rope_layers", "moe_layers", "hybrid_layer_ids", "ple_layer_ids")
 
+# Per-type fixes for defaults that do not validate or build as shipped; applied before shrinking.
+_DEFAULT_FIXES: dict[str, dict] = {
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+}
+
+_LINEAR_THEN_FULL = ["linear_attention", "full_attention"]
+
 # Per-type overrides, applied after the generic shrink; only where the generic path is wrong.
-_OVERRIDES: dict[str, dict] = {}
+_OVERRIDES: dict[str, dict] = {
+    # All-mamba by default; put one attention layer in so the tiny model has both kinds.
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": _LINEAR_THEN_FULL},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "recurrent_gemma": {"num_hidden_layers": 3},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # Shared-transformer tying needs two hybrid layers to tie.
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    "dory": {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "n_input_layers": 1,
+        "n_recurrent_layers": 1,
+        "n_output_layers": 1,
+    },
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0}},
+    "dots3_note_text": {"head_dim": HEAD_DIM + 8},
+    "deepseek_v2": {"num_experts_per_tok": TOP_K},
+    "dots1": {"n_routed_experts": EXPERTS, "num_experts_per_tok": TOP_K, "n_shared_experts": 1},
+    "mamba2": {"num_heads": 8},
+    "zaya": {"num_experts_per_tok": 1},
+    "reformer": {"is_decoder": True, "attn_layers": ["local", "lsh"], "axial_pos_shape": [16, 32],
+                 "axial_pos_embds_dim": [16, 48]},
+    "xmod": {"default_language": "en_XX"},
+    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": 2},
+    "blt": {"encoder_hash_byte_group_vocab": 64},
+    "gemma3n_text": {"num_kv_shared_layers": 2},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
+                       "indexer_budget": 8, "indexer_compress_ratio": 4},
+}
 
 # Types for which no tiny config runs a text-only forward; value is the reason (for pytest.skip).
 UNBUILDABLE: dict[str, str] = {}
@@ -221,8 +259,26 @@ def _per_layer_overrides(config: PretrainedConfig) -> dict:
         picked = [value[i] for i in keep]
         out[name] = "".join(picked) if isinstance(value, str) else picked
     for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers"):
-        if hasattr(config, name):
+        if name in values:
             out[name] = len(keep)
+    if isinstance(values.get("per_layer_config"), dict):
+        # Heterogeneous configs: per-layer deltas keyed by layer index, so re-key and shrink them.
+        per_layer = {int(i): delta for i, delta in values["per_layer_config"].items()}
+        out["per_layer_config"] = {
+            new: _shrink_layer_delta(per_layer[old], mla="kv_lora_rank" in values)
+            for new, old in enumerate(keep)
+            if old in per_layer
+        }
+    return out
+
+
+def _shrink_layer_delta(delta: dict, *, mla: bool) -> dict:
+    out = {name: _SHRINK.get(name, value) for name, value in delta.items()}
+    if "head_dim" in delta:
+        # Wider than the other layers, as the real per-layer override is.
+        out["head_dim"] = 2 * HEAD_DIM
+    if mla and "num_key_value_heads" in delta:
+        out["num_key_value_heads"] = out.get("num_attention_heads", HEADS)
     return out
 
 
@@ -238,9 +294,13 @@ def _shrink_overrides(config: PretrainedConfig) -> dict:
         if isinstance(current, bool) or (current is None and name not in _SET_IF_NONE):
             continue
         out[name] = value
-    if present.get("qk_rope_head_dim") and "head_dim" in present:
-        # Multi-head latent attention: `head_dim` is the rotary part of each query/key head.
-        out["head_dim"] = out.get("qk_rope_head_dim", present["qk_rope_head_dim"])
+    if present.get("kv_lora_rank"):
+        # Multi-head latent attention: keys/values are expanded to every head from one latent, and
+        # `head_dim` names the rotary part of each query/key head.
+        if "num_key_value_heads" in present:
+            out["num_key_value_heads"] = out.get("num_attention_heads", present.get("num_attention_heads"))
+        if "head_dim" in present:
+            out["head_dim"] = out.get("qk_rope_head_dim", present.get("qk_rope_head_dim"))
     for name, value in present.items():
         lowered = name.lower()
         if isinstance(value, float) and ("dropout" in lowered or "pdrop" in lowered or "layerdrop" in lowered):
@@ -250,6 +310,11 @@ def _shrink_overrides(config: PretrainedConfig) -> dict:
         sub = getattr(config, name, None)
         if isinstance(sub, PretrainedConfig):
             out[name] = {**sub.to_dict(), **_shrink_overrides(sub)}
+    for name, value in _OVERRIDES.get(config.model_type, {}).items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = {**out[name], **value}  # a sub-config: amend it, keep the shrunk rest
+        else:
+            out[name] = value
     return out
 
 
@@ -267,9 +332,8 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         >>> tiny_config("llama").hidden_size
         64
     """
-    default = AutoConfig.for_model(model_type)
-    overrides = _shrink_overrides(default)
-    overrides.update(_OVERRIDES.get(model_type, {}))
+    default = AutoConfig.for_model(model_type, **_DEFAULT_FIXES.get(model_type, {}))
+    overrides = {**_DEFAULT_FIXES.get(model_type, {}), **_shrink_overrides(default)}
     return AutoConfig.for_model(model_type, **overrides)
 
 

@@ -1,0 +1,183 @@
+"""The ways of feeding a batch to a model that the benchmark compares: a small registry.
+
+A mode says three things: which attention implementation the fresh model is loaded with, what is
+done to the model before training (nothing, or ``seqpack.patch``), and how a batch of token-id
+lists becomes model inputs (padded, or flattened by transformers' ``DataCollatorWithFlattening``).
+Everything else (model, weights, batches, order, optimizer, timing) is shared, so differences in
+the table come from the mode alone. Later modes (compiled layers, fused loss, several GPUs) are one
+``register_mode(Mode(...))`` each.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class ModeOptions(NamedTuple):
+    """What a mode may look at: the device and the user's attention choices."""
+
+    device: torch.device
+    hf_attn: str | None = None
+    seqpack_backend: str = "auto"
+
+
+Batch = list[list[int]]
+Inputs = dict[str, "torch.Tensor | int"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row of the table for each model.
+
+    Attributes:
+        name: the key users pass to ``--modes``.
+        summary: one line for ``--help``.
+        attn_implementation: options -> the ``attn_implementation`` the model is loaded with.
+        collate: (examples, pad_id) -> keyword inputs of ``model(...)``, labels included. Runs
+            on the host before timing starts, as a data loader would.
+        prepare: (model, options) -> the model to train (may be the same object).
+        describe_attention: (model, options) -> what the table names as the attention used.
+    """
+
+    name: str
+    summary: str
+    attn_implementation: Callable[[ModeOptions], str]
+    collate: Callable[[Batch, int], Inputs]
+    prepare: Callable[[torch.nn.Module, ModeOptions], torch.nn.Module] = lambda model, options: model
+    describe_attention: Callable[[torch.nn.Module, ModeOptions], str] = (
+        lambda model, options: model.config._attn_implementation
+    )
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register_mode(mode: Mode) -> Mode:
+    """Add a mode to the registry (replacing one of the same name)."""
+    MODES[mode.name] = mode
+    return mode
+
+
+# --------------------------------------------------------------------------- collation
+
+
+def pad_batch(examples: Batch, pad_id: int) -> Inputs:
+    """Right-pad to the longest example.
+
+    Returns:
+        input_ids: (B, L) int64; attention_mask: (B, L) int64, 1 on real tokens;
+        labels: (B, L) int64, the input ids with IGNORE_INDEX on padding.
+    """
+    longest = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, L)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example)] = torch.tensor(example, dtype=torch.long)
+        attention_mask[row, : len(example)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def flatten_batch(examples: Batch, pad_id: int) -> Inputs:
+    """transformers' own padding-free collation: one (1, T) row of the T real tokens.
+
+    Returns:
+        input_ids, labels, position_ids: (1, T) int64 (labels hold IGNORE_INDEX at each example's
+        first token, so no target crosses an example boundary); cu_seq_lens_q/k: (B + 1,) int32;
+        max_length_q/k: int.
+    """
+    from transformers import DataCollatorWithFlattening
+
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
+    return dict(collator([{"input_ids": e} for e in examples], return_tensors="pt"))
+
+
+# --------------------------------------------------------------------------- attention choice
+
+
+@functools.cache
+def _transformers_has(probe: str) -> bool:
+    """Call a transformers availability probe by name; False where this version lacks it."""
+    from transformers.utils import import_utils
+
+    fn = getattr(import_utils, probe, None)
+    return bool(fn is not None and fn())
+
+
+def best_hf_attention(options: ModeOptions) -> str:
+    """The fastest attention transformers itself can run packed sequences with, here.
+
+    flash_attention_3 / flash_attention_2 when installed (CUDA), else flex_attention on CUDA, else
+    sdpa, which packs through a block-diagonal mask built from ``position_ids``.
+    """
+    if options.hf_attn:
+        return options.hf_attn
+    if options.device.type == "cuda":
+        if _transformers_has("is_flash_attn_3_available"):
+            return "flash_attention_3"
+        if _transformers_has("is_flash_attn_2_available"):
+            return "flash_attention_2"
+        if _transformers_has("is_torch_flex_attn_available"):
+            return "flex_attention"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------- seqpack
+
+
+def _patch(model: torch.nn.Module, options: ModeOptions) -> torch.nn.Module:
+    from seqpack import patch
+
+    patched = patch(model, backend=options.seqpack_backend)
+    return patched if isinstance(patched, torch.nn.Module) else model
+
+
+def _describe_seqpack(model: torch.nn.Module, options: ModeOptions) -> str:
+    backend = options.seqpack_backend
+    try:  # name the kernel 'auto' resolved to, where the core can say
+        from seqpack.attention import resolve_backend
+
+        backend = resolve_backend(backend)
+    except (ImportError, AttributeError, ValueError):
+        pass
+    return f"{model.config._attn_implementation}:{backend}"
+
+
+# --------------------------------------------------------------------------- the modes
+
+register_mode(
+    Mode(
+        name="padding",
+        summary="the unpatched model on padded batches, sdpa attention (what users get by default)",
+        attn_implementation=lambda options: "sdpa",
+        collate=pad_batch,
+    )
+)
+register_mode(
+    Mode(
+        name="hf-packing",
+        summary="transformers' DataCollatorWithFlattening (position_ids + flash kwargs), best attention "
+        "transformers has here (flash_attention_3/2 > flex_attention on GPU > sdpa); --hf-attn overrides",
+        attn_implementation=best_hf_attention,
+        collate=flatten_batch,
+    )
+)
+register_mode(
+    Mode(
+        name="seqpack",
+        summary="seqpack.patch(model) on the same padded batches as 'padding'",
+        attn_implementation=lambda options: "sdpa",
+        collate=pad_batch,
+        prepare=_patch,
+        describe_attention=_describe_seqpack,
+    )
+)
+
+DEFAULT_MODES = ("padding", "hf-packing", "seqpack")

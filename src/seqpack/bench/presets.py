@@ -1,0 +1,233 @@
+"""Models to benchmark: published architectures with random weights, or the user's own.
+
+A preset is the architecture half of a real model's ``config.json`` on the hub, embedded here so
+the benchmark builds the model offline with random weights (``from_config``). Speed and memory
+depend on shapes, not on weight values, and a random-init model's first loss is still a fair
+check that two modes compute the same function. The values are the published ones, in the
+published spelling (``rope_theta``, ``rope_scaling``), so transformers reads them exactly as it
+would read the hub file. Anything else is a hub id or local path for ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model architecture by name: where its config was published, and its values."""
+
+    name: str
+    source: str
+    config: dict = field(repr=False)
+
+
+def _llama(**values) -> dict:
+    base = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    return base | values
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "tiny",
+            "seqpack: a CPU-sized Llama with the Mistral/Llama-2 32k vocab, so the default data fits as is",
+            _llama(
+                hidden_size=128,
+                intermediate_size=352,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
+                vocab_size=32000,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+        ),
+        Preset(
+            "llama-3.2-1b",
+            "meta-llama/Llama-3.2-1B",
+            _llama(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=64,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                rope_theta=500000.0,
+                rope_scaling={
+                    "factor": 32.0,
+                    "high_freq_factor": 4.0,
+                    "low_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192,
+                    "rope_type": "llama3",
+                },
+                vocab_size=128256,
+                tie_word_embeddings=True,
+                bos_token_id=128000,
+                eos_token_id=128001,
+            ),
+        ),
+        Preset(
+            "llama-2-7b",
+            "meta-llama/Llama-2-7b-hf",
+            _llama(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                max_position_embeddings=4096,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
+                vocab_size=32000,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+        ),
+        Preset(
+            "mistral-7b",
+            "mistralai/Mistral-7B-v0.1",
+            dict(
+                model_type="mistral",
+                hidden_act="silu",
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
+                sliding_window=4096,
+                vocab_size=32000,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+        ),
+        Preset(
+            "qwen2.5-0.5b",
+            "Qwen/Qwen2.5-0.5B",
+            dict(
+                model_type="qwen2",
+                hidden_act="silu",
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-6,
+                rope_theta=1000000.0,
+                sliding_window=32768,
+                use_sliding_window=False,
+                max_window_layers=24,
+                vocab_size=151936,
+                tie_word_embeddings=True,
+                bos_token_id=151643,
+                eos_token_id=151643,
+            ),
+        ),
+        Preset(
+            "qwen2.5-7b",
+            "Qwen/Qwen2.5-7B",
+            dict(
+                model_type="qwen2",
+                hidden_act="silu",
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-6,
+                rope_theta=1000000.0,
+                sliding_window=131072,
+                use_sliding_window=False,
+                max_window_layers=28,
+                vocab_size=152064,
+                tie_word_embeddings=False,
+                bos_token_id=151643,
+                eos_token_id=151643,
+            ),
+        ),
+        Preset(
+            "gemma-2-2b",
+            "google/gemma-2-2b",
+            dict(
+                model_type="gemma2",
+                hidden_act="gelu_pytorch_tanh",
+                hidden_activation="gelu_pytorch_tanh",
+                hidden_size=2304,
+                intermediate_size=9216,
+                num_hidden_layers=26,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=256,
+                query_pre_attn_scalar=256,
+                attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0,
+                sliding_window=4096,
+                max_position_embeddings=8192,
+                rms_norm_eps=1e-6,
+                rope_theta=10000.0,
+                attention_bias=False,
+                attention_dropout=0.0,
+                vocab_size=256000,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=1,
+            ),
+        ),
+    ]
+}
+
+
+def build_config(name: str):
+    """The transformers config of a preset (``PretrainedConfig``)."""
+    from transformers import AutoConfig
+
+    values = dict(PRESETS[name].config)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def load_model(
+    name: str, *, attn_implementation: str, dtype: torch.dtype, device: torch.device, seed: int, random_init: bool
+) -> torch.nn.Module:
+    """A fresh model in train mode: a preset or hub id / path with random weights, or pretrained.
+
+    Random weights are drawn under ``torch.manual_seed(seed)`` directly on ``device``, so every
+    mode gets the same initial weights, and a 7B model is not first built on the CPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in PRESETS or random_init:
+        config = build_config(name) if name in PRESETS else AutoConfig.from_pretrained(name)
+        torch.manual_seed(seed)
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        model.to(device)
+    return model.train()
+
+
+def vocab_size(name: str, *, random_init: bool) -> int:
+    """The vocab size of a model, without building it."""
+    if name in PRESETS:
+        return PRESETS[name].config["vocab_size"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    return getattr(config.get_text_config(), "vocab_size", None) or config.vocab_size

@@ -1,0 +1,324 @@
+"""Per-case tests of patch(): parity with the unpatched model and with each sequence run alone."""
+
+import copy
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from helpers import grads, padded_batch, per_sequence_logits, tiny_llama
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithFlattening
+
+from seqpack import UnsupportedModelError, attention, is_patched, patch, unpatch
+from seqpack.packing import metadata_from_mask, pack, unpack
+
+LENGTHS = [7, 1, 13, 10]  # odd lengths, a length-1 row, one full row
+L = 13
+
+
+def _parity(reference, patched, ids, mask, labels):
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    real = mask.bool()
+    assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref_grads, new_grads = grads(reference), grads(patched)
+    assert ref_grads.keys() == new_grads.keys() and ref_grads
+    for name in ref_grads:
+        assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return out
+
+
+def test_packing_round_trip():
+    ids, mask, _ = padded_batch([3, 0, 5], 6, left=True)
+    meta = metadata_from_mask(mask, 3, 6, ids.device)
+    assert meta.cu_seqlens.tolist() == [0, 3, 3, 8] and meta.cu_seqlens.dtype == torch.int32
+    assert meta.max_seqlen == 5 and meta.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    x = torch.randn(3, 6, 4)
+    back = unpack(pack(x, meta), meta)
+    assert_close(back[mask.bool()], x[mask.bool()])
+    assert back[~mask.bool()].abs().sum() == 0
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_llama_parity_with_unpatched(left):
+    reference, patched = tiny_llama(), tiny_llama()
+    patch(patched, backend="reference")
+    ids, mask, labels = padded_batch(LENGTHS, L, left=left)
+    if left:
+        # Unpatched, the last padding position "predicts" the first real token and is counted in
+        # the loss; seqpack counts real tokens only. A first label of -100 makes both the same.
+        first = mask.argmax(dim=1)
+        labels[torch.arange(len(LENGTHS)), first] = -100
+    out = _parity(reference, patched, ids, mask, labels)
+    assert out.logits.shape == (4, L, 128)
+    assert out.logits[~mask.bool()].abs().sum() == 0  # zeros at padding
+
+
+def test_matches_each_sequence_alone():
+    model = tiny_llama()
+    truth = per_sequence_logits(model, *padded_batch(LENGTHS, L, left=True)[:2])
+    patch(model)
+    ids, mask, _ = padded_batch(LENGTHS, L, left=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    for row, expected in enumerate(truth):
+        assert_close(logits[row][mask[row].bool()], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_all_padding_row_is_zero_and_finite():
+    model = patch(tiny_llama())
+    ids, mask, labels = padded_batch([5, 0, 3], 6)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
+    assert out.logits[1].abs().sum() == 0
+    assert all(h.shape == (3, 6, 64) and h[1].abs().sum() == 0 for h in out.hidden_states)
+    out.loss.backward()
+    assert all(torch.isfinite(g).all() for g in grads(model).values())
+
+
+def test_inputs_embeds():
+    reference, patched = tiny_llama(), patch(tiny_llama())
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    embeds = reference.get_input_embeddings()(ids).detach()
+    ref = reference(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    out = patched(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-4, atol=1e-5)
+    assert_close(out.loss, ref.loss)
+
+
+def test_given_position_ids_are_gathered():
+    reference, patched = tiny_llama(), patch(tiny_llama())
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    position_ids = (torch.arange(L) + 3).expand(4, L)  # an offset the caller asked for
+    ref = reference(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    out = patched(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_prepacked_batch_passes_through(flash_kwargs):
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    features = [{"input_ids": ids[r][mask[r].bool()].tolist()} for r in range(len(LENGTHS))]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")(features)
+    reference, patched = tiny_llama(), patch(tiny_llama())
+    truth = per_sequence_logits(reference, ids, mask)
+    out = patched(**batch)
+    # transformers' own packing detection needs use_cache=False: with a cache (the default, even in
+    # train mode) it silently attends across sequences.
+    ref = reference(**{k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_len"))}, use_cache=False)
+    assert out.logits.shape == (1, sum(LENGTHS), 128)
+    assert_close(out.logits[0], torch.cat(truth), rtol=1e-4, atol=1e-5)
+    assert_close(ref.logits[0], torch.cat(truth), rtol=1e-4, atol=1e-5)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_never_crosses_sequences():
+    """Labels at padding that are not -100 are ignored, and no row predicts the next row's start."""
+    model = patch(tiny_llama())
+    ids, mask, _ = padded_batch([4, 6], 6)
+    labels = ids.clone()  # pad positions carry labels too: seqpack counts real tokens only
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits = out.logits
+    expected = torch.nn.functional.cross_entropy(
+        torch.cat([logits[0, :3], logits[1, :5]]), torch.cat([ids[0, 1:4], ids[1, 1:6]])
+    )
+    assert_close(out.loss, expected)
+
+
+def test_num_items_in_batch_and_accumulation():
+    reference, patched = tiny_llama(), patch(tiny_llama())
+    micro = [padded_batch(LENGTHS, L, seed=s) for s in (1, 2)]
+    n_items = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in micro)
+    for model in (reference, patched):
+        for ids, mask, labels in micro:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items).loss
+            loss.backward()
+    ref_grads, new_grads = grads(reference), grads(patched)
+    for name in ref_grads:
+        assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing():
+    reference, patched = tiny_llama(), tiny_llama()
+    for model in (reference, patched):
+        model.gradient_checkpointing_enable()
+    patch(patched)
+    _parity(reference, patched, *padded_batch(LENGTHS, L))
+
+
+def test_peft_lora():
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    reference = peft.get_peft_model(tiny_llama(), lora)
+    patched = peft.get_peft_model(tiny_llama(), copy.deepcopy(lora))
+    patched.load_state_dict(reference.state_dict())
+    patch(patched)
+    assert is_patched(patched)
+    _parity(reference, patched, *padded_batch(LENGTHS, L))
+
+
+def test_sequence_classification_head():
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, pad_token_id=0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForSequenceClassification.from_config(config)
+    patched = copy.deepcopy(reference)
+    patch(patched)
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    target = torch.tensor([0, 1, 2, 1])
+    ref = reference(input_ids=ids, attention_mask=mask, labels=target)
+    out = patched(input_ids=ids, attention_mask=mask, labels=target)
+    assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_unpatch_round_trip_and_patch_twice():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    assert patch(model) is model and patch(model) is model  # twice: a no-op
+    assert is_patched(model) and list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model, backend="torch")
+    unpatch(model)
+    assert not is_patched(model) and "forward" not in model.__dict__
+    assert model.config._attn_implementation == "sdpa" and list(model.state_dict()) == keys
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+
+
+def test_generation_and_custom_masks_run_the_original_forward():
+    reference, patched = tiny_llama().eval(), patch(tiny_llama().eval())
+    ids, mask, _ = padded_batch([5, 7], 7, left=True)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(input_ids=ids, attention_mask=mask, **kwargs),
+                       reference.generate(input_ids=ids, attention_mask=mask, **kwargs))  # fmt: skip
+    causal = torch.tril(torch.ones(7, 7, dtype=torch.bool))[None, None].expand(2, 1, 7, 7)
+    with torch.no_grad():
+        assert_close(patched(input_ids=ids, attention_mask=causal).logits,
+                     reference(input_ids=ids, attention_mask=causal).logits)  # fmt: skip
+    assert patched.config._attn_implementation == attention.ATTN_NAME  # restored after the call
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(4, L + 1, dtype=torch.long), "attention_mask has shape"),
+        (torch.ones(4, 1, L, dtype=torch.long), "attention_mask has shape"),
+        (torch.full((4, L), 2), "only 0 and 1"),
+        (torch.tensor([[1] * 5 + [0] + [1] * (L - 6)] * 4), "padding inside a sequence"),
+    ],
+    ids=["wrong-length", "3-d", "values", "holes"],
+)
+def test_bad_masks_are_refused(mask, match):
+    model = patch(tiny_llama())
+    ids, _, _ = padded_batch(LENGTHS, L)
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_missing_inputs_are_refused():
+    model = patch(tiny_llama())
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        model(attention_mask=torch.ones(2, 3))
+
+
+def test_unknown_and_missing_backends():
+    with pytest.raises(ValueError, match="Unknown seqpack backend"):
+        patch(tiny_llama(), backend="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ImportError, match="torch >= 2.10"):
+            patch(tiny_llama(), backend="torch")
+    assert attention.resolve_backend("auto") in attention.BACKENDS
+
+
+def test_unsupported_model_is_refused_and_strict_false_warns():
+    config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, vocab_size=64)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="'bert'"):
+        patch(model)
+    with pytest.warns(UserWarning, match="left unpatched"):
+        assert patch(model, strict=False) is model
+    assert not is_patched(model)
+    assert issubclass(UnsupportedModelError, ValueError)
+
+
+def test_model_dropping_kwargs_is_caught(monkeypatch):
+    model = patch(tiny_llama())
+    layer = model.model.layers[0].self_attn
+    original = type(layer).forward
+
+    def drops_kwargs(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        return original(self, hidden_states, position_embeddings, attention_mask)
+
+    monkeypatch.setattr(type(layer), "forward", drops_kwargs)
+    with pytest.raises(RuntimeError, match="without the packing metadata"):
+        model(*padded_batch(LENGTHS, L)[:2])
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    """A CPU stand-in for the flash-attn package: records its arguments, computes on the reference."""
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                               causal=False, window_size=(-1, -1), softcap=0.0):  # fmt: skip
+        calls.append(dict(q=q.shape, k=k.shape, cu=cu_q.tolist(), max=max_q, scale=softmax_scale,
+                          causal=causal, window=window_size, softcap=softcap, dropout=dropout_p))  # fmt: skip
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+            ks = ks.repeat_interleave(q.shape[1] // k.shape[1], 0)
+            vs = vs.repeat_interleave(q.shape[1] // k.shape[1], 0)
+            out[s:e] = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=softmax_scale
+            ).transpose(0, 1)
+        return out
+
+    flash_attn_varlen_func._seqpack_stand_in = True
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+    )
+    attention._varlen_fn.cache_clear()
+    yield calls
+    attention._varlen_fn.cache_clear()
+
+
+def test_flash_attn_adapter_plumbing(flash_stand_in):
+    assert "flash_attn" in attention.available_backends()
+    reference = tiny_llama().to(torch.bfloat16)
+    patched = patch(copy.deepcopy(reference), backend="flash_attn")
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    with torch.no_grad():
+        out = patched(input_ids=ids, attention_mask=mask).logits
+        ref = reference(input_ids=ids, attention_mask=mask).logits
+    call = flash_stand_in[0]
+    assert len(flash_stand_in) == 2  # one call per layer
+    assert call["q"] == (sum(LENGTHS), 4, 16) and call["k"] == (sum(LENGTHS), 2, 16)  # GQA, no repeat
+    assert call["cu"] == [0, 7, 8, 21, 31] and call["max"] == 13 and call["causal"] is True
+    assert call["window"] == (-1, 0) and call["scale"] == 16**-0.5 and call["dropout"] == 0.0
+    real = mask.bool()
+    assert (out[real].float() - ref[real].float()).abs().max() < 0.1
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import sys, seqpack\n"
+        "from transformers import AttentionInterface\n"
+        "assert 'seqpack' not in AttentionInterface._global_mapping\n"
+        "bad = [m for m in ('flash_attn', 'flash_attn_interface', 'liger_kernel', 'trl', 'peft', 'matplotlib') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
