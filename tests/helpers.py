@@ -3,6 +3,10 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+# Eager layers and materialised logits: what the parity tests compare. Compile and the fused loss
+# have their own tests.
+EAGER = {"compile": False, "keep_logits": True}
+
 
 def tiny_llama(seed: int = 0, attn: str = "sdpa", **overrides):
     """A 2-layer GQA llama in fp32, train mode, no dropout."""

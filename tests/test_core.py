@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from helpers import grads, padded_batch, per_sequence_logits, tiny_llama
+from helpers import EAGER, grads, padded_batch, per_sequence_logits, tiny_llama
 from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithFlattening
 
@@ -47,7 +47,7 @@ def test_packing_round_trip():
 @pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
 def test_llama_parity_with_unpatched(left):
     reference, patched = tiny_llama(), tiny_llama()
-    patch(patched, backend="reference")
+    patch(patched, backend="reference", **EAGER)
     ids, mask, labels = padded_batch(LENGTHS, L, left=left)
     if left:
         # Unpatched, the last padding position "predicts" the first real token and is counted in
@@ -62,7 +62,7 @@ def test_llama_parity_with_unpatched(left):
 def test_matches_each_sequence_alone():
     model = tiny_llama()
     truth = per_sequence_logits(model, *padded_batch(LENGTHS, L, left=True)[:2])
-    patch(model)
+    patch(model, **EAGER)
     ids, mask, _ = padded_batch(LENGTHS, L, left=True)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -71,7 +71,7 @@ def test_matches_each_sequence_alone():
 
 
 def test_all_padding_row_is_zero_and_finite():
-    model = patch(tiny_llama())
+    model = patch(tiny_llama(), **EAGER)
     ids, mask, labels = padded_batch([5, 0, 3], 6)
     out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
@@ -82,7 +82,7 @@ def test_all_padding_row_is_zero_and_finite():
 
 
 def test_inputs_embeds():
-    reference, patched = tiny_llama(), patch(tiny_llama())
+    reference, patched = tiny_llama(), patch(tiny_llama(), **EAGER)
     ids, mask, labels = padded_batch(LENGTHS, L)
     embeds = reference.get_input_embeddings()(ids).detach()
     ref = reference(inputs_embeds=embeds, attention_mask=mask, labels=labels)
@@ -92,7 +92,7 @@ def test_inputs_embeds():
 
 
 def test_given_position_ids_are_gathered():
-    reference, patched = tiny_llama(), patch(tiny_llama())
+    reference, patched = tiny_llama(), patch(tiny_llama(), **EAGER)
     ids, mask, labels = padded_batch(LENGTHS, L)
     position_ids = (torch.arange(L) + 3).expand(4, L)  # an offset the caller asked for
     ref = reference(input_ids=ids, attention_mask=mask, position_ids=position_ids)
@@ -105,7 +105,7 @@ def test_prepacked_batch_passes_through(flash_kwargs):
     ids, mask, _ = padded_batch(LENGTHS, L)
     features = [{"input_ids": ids[r][mask[r].bool()].tolist()} for r in range(len(LENGTHS))]
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")(features)
-    reference, patched = tiny_llama(), patch(tiny_llama())
+    reference, patched = tiny_llama(), patch(tiny_llama(), **EAGER)
     truth = per_sequence_logits(reference, ids, mask)
     out = patched(**batch)
     # transformers' own packing detection needs use_cache=False: with a cache (the default, even in
@@ -119,7 +119,7 @@ def test_prepacked_batch_passes_through(flash_kwargs):
 
 def test_loss_never_crosses_sequences():
     """Labels at padding that are not -100 are ignored, and no row predicts the next row's start."""
-    model = patch(tiny_llama())
+    model = patch(tiny_llama(), **EAGER)
     ids, mask, _ = padded_batch([4, 6], 6)
     labels = ids.clone()  # pad positions carry labels too: seqpack counts real tokens only
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_loss_never_crosses_sequences():
 
 
 def test_num_items_in_batch_and_accumulation():
-    reference, patched = tiny_llama(), patch(tiny_llama())
+    reference, patched = tiny_llama(), patch(tiny_llama(), **EAGER)
     micro = [padded_batch(LENGTHS, L, seed=s) for s in (1, 2)]
     n_items = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in micro)
     for model in (reference, patched):
@@ -148,7 +148,7 @@ def test_gradient_checkpointing():
     reference, patched = tiny_llama(), tiny_llama()
     for model in (reference, patched):
         model.gradient_checkpointing_enable()
-    patch(patched)
+    patch(patched, **EAGER)
     _parity(reference, patched, *padded_batch(LENGTHS, L))
 
 
@@ -158,7 +158,7 @@ def test_peft_lora():
     reference = peft.get_peft_model(tiny_llama(), lora)
     patched = peft.get_peft_model(tiny_llama(), copy.deepcopy(lora))
     patched.load_state_dict(reference.state_dict())
-    patch(patched)
+    patch(patched, **EAGER)
     assert is_patched(patched)
     _parity(reference, patched, *padded_batch(LENGTHS, L))
 
@@ -171,7 +171,7 @@ def test_sequence_classification_head():
     torch.manual_seed(0)
     reference = AutoModelForSequenceClassification.from_config(config)
     patched = copy.deepcopy(reference)
-    patch(patched)
+    patch(patched, **EAGER)
     ids, mask, _ = padded_batch(LENGTHS, L)
     target = torch.tensor([0, 1, 2, 1])
     ref = reference(input_ids=ids, attention_mask=mask, labels=target)
@@ -186,7 +186,7 @@ def test_unpatch_round_trip_and_patch_twice():
     ids, mask, _ = padded_batch(LENGTHS, L)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-    assert patch(model) is model and patch(model) is model  # twice: a no-op
+    assert patch(model, **EAGER) is model and patch(model) is model  # twice: a no-op
     assert is_patched(model) and list(model.state_dict()) == keys
     with pytest.raises(ValueError, match="already patched"):
         patch(model, backend="torch")
@@ -199,7 +199,7 @@ def test_unpatch_round_trip_and_patch_twice():
 
 
 def test_generation_and_custom_masks_run_the_original_forward():
-    reference, patched = tiny_llama().eval(), patch(tiny_llama().eval())
+    reference, patched = tiny_llama().eval(), patch(tiny_llama().eval(), **EAGER)
     ids, mask, _ = padded_batch([5, 7], 7, left=True)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(patched.generate(input_ids=ids, attention_mask=mask, **kwargs),
@@ -222,14 +222,14 @@ def test_generation_and_custom_masks_run_the_original_forward():
     ids=["wrong-length", "3-d", "values", "holes"],
 )
 def test_bad_masks_are_refused(mask, match):
-    model = patch(tiny_llama())
+    model = patch(tiny_llama(), **EAGER)
     ids, _, _ = padded_batch(LENGTHS, L)
     with pytest.raises(ValueError, match=match):
         model(input_ids=ids, attention_mask=mask)
 
 
 def test_missing_inputs_are_refused():
-    model = patch(tiny_llama())
+    model = patch(tiny_llama(), **EAGER)
     with pytest.raises(ValueError, match="exactly one of input_ids"):
         model(attention_mask=torch.ones(2, 3))
 
@@ -256,7 +256,7 @@ def test_unsupported_model_is_refused_and_strict_false_warns():
 
 
 def test_model_dropping_kwargs_is_caught(monkeypatch):
-    model = patch(tiny_llama())
+    model = patch(tiny_llama(), **EAGER)
     layer = model.model.layers[0].self_attn
     original = type(layer).forward
 
@@ -299,7 +299,7 @@ def flash_stand_in(monkeypatch):
 def test_flash_attn_adapter_plumbing(flash_stand_in):
     assert "flash_attn" in attention.available_backends()
     reference = tiny_llama().to(torch.bfloat16)
-    patched = patch(copy.deepcopy(reference), backend="flash_attn")
+    patched = patch(copy.deepcopy(reference), backend="flash_attn", **EAGER)
     ids, mask, _ = padded_batch(LENGTHS, L)
     with torch.no_grad():
         out = patched(input_ids=ids, attention_mask=mask).logits

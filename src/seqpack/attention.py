@@ -26,6 +26,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -160,8 +161,7 @@ def _eager_function(module) -> Callable | None:
 
 
 def _kernel_attention(
-    backend,
-    fn,
+    layer_plan,
     module,
     query,
     key,
@@ -175,16 +175,17 @@ def _kernel_attention(
     softcap,
 ):
     """One varlen kernel call. query: (1, Hq, T, D); key, value: (1, Hkv, T, D) -> (1, T, Hq, D)."""
+    backend, fn = layer_plan.backend, layer_plan.kernel
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    if q.shape[1] != k.shape[1] and not layer_plan.gqa:
+        # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads.
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
     if backend == "torch":
-        if q.shape[1] != k.shape[1] and not _accepts(fn, "enable_gqa"):
-            # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads.
-            groups = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         out = fn(
             q,
@@ -211,15 +212,16 @@ def _kernel_attention(
     return out.unsqueeze(0)
 
 
-def _unsupported_feature(backend: str, fn, query, dropout, softcap, s_aux) -> str | None:
+def _unsupported_feature(layer_plan: LayerPlan, query, dropout, softcap, s_aux) -> str | None:
     """Why this backend cannot compute this call exactly, or None."""
+    backend = layer_plan.backend
     if backend == "reference":
         return None
     if query.dtype not in (torch.float16, torch.bfloat16):
         return f"{query.dtype} inputs"
     if query.shape[-1] > 256:
         return f"head_dim {query.shape[-1]} > 256"
-    if s_aux is not None and not _accepts(fn, "s_aux"):
+    if s_aux is not None and not layer_plan.sinks:
         return "attention sinks"
     if softcap and backend == "torch":
         return "logit softcapping"
@@ -230,8 +232,25 @@ def _unsupported_feature(backend: str, fn, query, dropout, softcap, s_aux) -> st
 
 # --------------------------------------------------------------------------- the registered function
 
-_active_backend: dict[int, str] = {}  # id(config) -> backend, set by patch()
-_original_impl: dict[int, str] = {}  # id(config) -> the attention implementation it had before patch()
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one attention module runs, fixed at patch time so compiled code reads only constants."""
+
+    backend: str
+    kernel: Callable
+    gqa: bool  # the kernel takes K/V with fewer heads than Q
+    sinks: bool  # the kernel takes attention sinks (s_aux)
+    original: str  # the attention implementation the model had before patch()
+
+
+def plan(backend: str, original: str | None) -> LayerPlan:
+    kernel = _varlen_fn(backend)
+    gqa = backend in ("fa3", "flash_attn") or _accepts(kernel, "enable_gqa")
+    return LayerPlan(backend, kernel, gqa, _accepts(kernel, "s_aux"), original or "eager")
+
+
+PLAN_ATTR = "_seqpack_plan"
 _packed_depth = 0  # > 0 while a patched model runs a packed forward
 
 
@@ -272,7 +291,7 @@ def varlen_attention_forward(
     max_seqlen = kwargs.pop("max_length_q", None)
     for name in ("cu_seq_lens_k", "max_length_k", "position_ids"):
         kwargs.pop(name, None)
-    config_id = id(module.config)
+    layer_plan = getattr(module, PLAN_ATTR, None) or plan("reference", None)
     if cu_seqlens is None:
         if _packed_depth:
             raise RuntimeError(
@@ -298,14 +317,13 @@ def varlen_attention_forward(
             f"seqpack: {type(module).__name__} is bidirectional; packing supports causal attention only."
         )
     s_aux = kwargs.get("s_aux")
-    backend = _active_backend.get(config_id, "reference")
-    fn = _varlen_fn(backend)
-    why = _unsupported_feature(backend, fn, query, dropout, softcap, s_aux)
+    backend = layer_plan.backend
+    why = _unsupported_feature(layer_plan, query, dropout, softcap, s_aux)
     if why is not None:
         _log_once(
             f"seqpack: backend '{backend}' cannot do {why} ({type(module).__name__}); using 'reference' there"
         )
-        backend, fn = "reference", _reference_attention
+        backend = "reference"
     if backend == "reference":
         out = _reference_attention(
             module, query, key, value, cu_seqlens, max_seqlen,
@@ -313,16 +331,18 @@ def varlen_attention_forward(
         )  # fmt: skip
     else:
         out = _kernel_attention(
-            backend, fn, module, query, key, value, cu_seqlens, max_seqlen,
+            layer_plan, module, query, key, value, cu_seqlens, max_seqlen,
             scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap,
         )  # fmt: skip
     return out, None
 
 
-def _delegate(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):
+def _delegate(
+    layer_plan, module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs
+):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    impl = _original_impl.get(id(module.config), "eager")
+    impl = layer_plan.original
     fn = _eager_function(module) if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
     extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
     if softcap is not None:

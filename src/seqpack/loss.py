@@ -9,6 +9,9 @@ counts exactly the tokens the unpatched model counts on the same padded batch (w
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +43,141 @@ def shift_labels(
         next_real = F.pad(attention_mask[:, 1:] != 0, (0, 1), value=False)
         shifted = shifted.masked_fill(~next_real, IGNORE_INDEX)
     return shifted.reshape(-1).index_select(0, meta.indices).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------- fused linear cross-entropy
+
+_UNFUSABLE_WORDS = ("softcap", "logit_scale", "logits_scaling", "aux_loss", "router", "temperature", "mtp")
+
+
+def fusable_head(model: torch.nn.Module) -> bool:
+    """Whether the causal-LM forward is the plain ``loss(lm_head(hidden))`` the fused loss replaces.
+
+    Decided by reading the forward: a head that scales or softcaps its logits, or adds an auxiliary
+    (MoE router) loss, keeps the model's own path with materialised logits.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # e.g. a PEFT-wrapped head
+        return False
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return (
+        "self.lm_head(" in source
+        and "self.loss_function(" in source
+        and not any(word in source for word in _UNFUSABLE_WORDS)
+    )
+
+
+def _chunk_size(vocab: int) -> int:
+    # About 256 MB of fp32 logits per chunk, whatever the vocabulary.
+    return max(64, (1 << 26) // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` without the (N, V) logits.
+
+    The logits exist one chunk of tokens at a time; their gradient is taken in the forward (as
+    Liger-Kernel does), so nothing of size N x V is kept for the backward. Numerics follow
+    transformers' loss: the matmul in the weights' dtype, log-softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int):
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_h else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        )
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs_b else None
+        )
+        step = _chunk_size(weight.shape[0])
+        for start in range(0, n, step):
+            h = hidden[start : start + step]  # (c, H)
+            t = targets[start : start + step]  # (c,)
+            logits = torch.nn.functional.linear(h, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            valid = t != ignore_index
+            safe = t.masked_fill(~valid, 0)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            loss = loss + ((lse - picked) * valid).sum()
+            if needs_h or needs_w or needs_b:
+                grad = torch.exp(logits - lse[:, None])  # softmax, reusing the logits' memory next
+                grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+                grad = (grad * valid[:, None]).to(hidden.dtype)  # (c, V)
+                if needs_h:
+                    grad_hidden[start : start + step] = grad @ weight
+                if needs_w:
+                    grad_weight += (grad.t() @ h).float()
+                if needs_b:
+                    grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(
+            *(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.present = (needs_h, needs_w, needs_b)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        needs_h, needs_w, needs_b = ctx.present
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype) if needs_h else None,
+            (grad_weight * grad_loss).to(weight_dtype) if needs_w else None,
+            (grad_bias * grad_loss).to(bias_dtype) if needs_b else None,
+            None,
+            None,
+        )
+
+
+@functools.cache
+def _liger_loss():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """transformers' causal-LM loss on already shifted targets, without materialising the logits.
+
+    Args:
+        hidden: (N, H) final hidden states of the packed tokens, any float dtype.
+        weight: (V, H) the LM head; bias: (V,) or None.
+        targets: (N,) int64 next-token targets, ``ignore_index`` where there is none.
+        num_items_in_batch: divide the summed loss by this (gradient accumulation) instead of by the
+            number of targets, exactly as transformers' ``fixed_cross_entropy`` does.
+    Returns:
+        () float32 loss.
+
+    Example:
+        >>> h, w = torch.randn(5, 8), torch.randn(11, 8)
+        >>> t = torch.tensor([1, 2, -100, 4, 5])
+        >>> ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+        >>> torch.allclose(linear_cross_entropy(h, w, t), ref)
+        True
+    """
+    liger = _liger_loss() if hidden.is_cuda else None
+    if liger is not None:
+        total = liger(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction="sum").float()
+    else:
+        total = _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index)
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from . import attention
+from . import compile as compiling
+from .loss import fusable_head, linear_cross_entropy
 from .loss import shift_labels as _shift_labels
 from .packing import (
     IGNORE_INDEX,
@@ -61,8 +63,12 @@ class _Record:
     owner: nn.Module  # the module whose forward is wrapped
     previous_forward: Any  # the instance attribute it had, or None
     configs: list = field(default_factory=list)  # (config, original attention implementation)
+    attention_modules: list = field(default_factory=list)
+    compiled: list = field(default_factory=list)  # decoder layers compiled in place
     backend: str = "reference"
     causal_lm: bool = False
+    fused_loss: bool = False  # training with labels skips the logits (see loss.fusable_head)
+    memory_budget: float | None = None
 
 
 # --------------------------------------------------------------------------- inspection
@@ -191,13 +197,27 @@ def is_patched(model: nn.Module) -> bool:
     return hasattr(_unwrap(model), _RECORD)
 
 
-def patch(model: nn.Module, *, backend: str = "auto", strict: bool = True) -> nn.Module:
+def patch(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    compile: bool = True,
+    keep_logits: bool = False,
+    memory_budget: float | None = None,
+    strict: bool = True,
+) -> nn.Module:
     """Make a transformers model train padding-free on ordinary padded batches.
 
     Args:
         model: a ``PreTrainedModel`` (any head, or the bare base model), or a PEFT model.
         backend: ``"auto"`` (best available, logged once), ``"fa3"``, ``"flash_attn"``, ``"torch"``
             or ``"reference"``. A named backend that is not available raises ImportError with a hint.
+        compile: compile each decoder layer in place (one graph for every batch shape).
+        keep_logits: a causal LM in training with labels computes its loss without materialising
+            the (tokens x vocab) logits and returns ``logits=None``; pass True when the training
+            framework reads the logits anyway (TRL's token accuracy, DPO log-probs).
+        memory_budget: activation-memory budget in [0, 1] for the compiled layers (recompute
+            instead of store below 1.0); None leaves torch's default. Needs ``compile=True``.
         strict: raise ``UnsupportedModelError`` for a model that cannot be packed exactly;
             with ``strict=False`` warn and return the model untouched.
 
@@ -219,6 +239,8 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = True) -> nn
         return model
     if not hasattr(target, "config"):
         raise TypeError(f"seqpack.patch expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if memory_budget is not None and not compile:
+        raise ValueError("memory_budget applies to seqpack's compiled layers: pass compile=True with it.")
     model_type = getattr(target.config, "model_type", type(target).__name__)
     reason = unsupported_reason(target)
     if reason is not None:
@@ -234,13 +256,29 @@ def patch(model: nn.Module, *, backend: str = "auto", strict: bool = True) -> nn
     causal_lm = _is_causal_lm(target)
     owner = target if causal_lm else _base_model(target)
     record = _Record(
-        owner=owner, previous_forward=owner.__dict__.get("forward"), backend=chosen, causal_lm=causal_lm
+        owner=owner,
+        previous_forward=owner.__dict__.get("forward"),
+        backend=chosen,
+        causal_lm=causal_lm,
+        fused_loss=causal_lm and not keep_logits and fusable_head(target),
+        memory_budget=memory_budget,
     )
-    for config in _attention_configs(target):
+    for module in _base_model(target).modules():
+        if _uses_attention_interface(module) and hasattr(module, "config"):
+            setattr(module, attention.PLAN_ATTR, attention.plan(chosen, module.config._attn_implementation))
+            record.attention_modules.append(module)
+    configs = {id(m.config): m.config for m in record.attention_modules}
+    base_config = _base_model(target).config  # mask creation in the base model reads this one
+    configs.setdefault(id(base_config), base_config)
+    for config in configs.values():
         record.configs.append((config, config._attn_implementation))
-        attention._original_impl[id(config)] = config._attn_implementation or "eager"
-        attention._active_backend[id(config)] = chosen
         config._attn_implementation_internal = attention.ATTN_NAME
+    if compile:
+        if not compiling.can_compile():
+            raise RuntimeError("compile=True needs torch.compile; pass compile=False.")
+        text_config = _text_config(target)
+        layers = _decoder_layers(_base_model(target), getattr(text_config, "num_hidden_layers", None))
+        record.compiled = compiling.compile_layers(layers)
     owner.forward = _make_forward(owner, record)
     setattr(target, _RECORD, record)
     return model
@@ -258,22 +296,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         record.owner.forward = record.previous_forward
     for config, impl in record.configs:
         config._attn_implementation_internal = impl
-        attention._original_impl.pop(id(config), None)
-        attention._active_backend.pop(id(config), None)
+    for module in record.attention_modules:
+        module.__dict__.pop(attention.PLAN_ATTR, None)
+    compiling.uncompile(record.compiled)
     return model
-
-
-def _attention_configs(model: nn.Module) -> list:
-    """The distinct config objects of the decoder's attention modules."""
-    seen = {}
-    for module in _base_model(model).modules():
-        if _uses_attention_interface(module) and hasattr(module, "config"):
-            seen.setdefault(id(module.config), module.config)
-    configs = list(seen.values())
-    base_config = _base_model(model).config
-    if id(base_config) not in seen:
-        configs.append(base_config)  # mask creation in the base model reads this one
-    return configs
 
 
 # --------------------------------------------------------------------------- the wrapped forward
@@ -422,6 +448,7 @@ def _packed_call(original, record: _Record, inputs: dict):
         use_cache=False,
         return_dict=True,
     )
+    targets = None
     if labels is not None:
         if not record.causal_lm:
             call["labels"] = labels
@@ -431,12 +458,28 @@ def _packed_call(original, record: _Record, inputs: dict):
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
             call["shift_labels"] = targets
-    with attention.PackedForward():
-        output = original(**call)
+    fused = targets is not None and record.fused_loss and record.owner.training
+    with attention.PackedForward(), compiling.memory_budget(record.memory_budget):
+        output = _fused_loss_call(record, call, targets) if fused else original(**call)
     output = _unpack_output(output, meta)
     if return_dict is False:
         return output.to_tuple()
     return output
+
+
+def _fused_loss_call(record: _Record, call: dict, targets: torch.Tensor):
+    """The causal-LM forward with the loss fused into the LM head: no (T, V) logits, logits=None."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = record.owner
+    num_items = call.pop("num_items_in_batch", None)
+    for name in ("labels", "shift_labels", "logits_to_keep"):
+        call.pop(name, None)
+    out = _base_model(model)(**call)
+    head = model.get_output_embeddings()
+    hidden = out.last_hidden_state[0]  # (T, H)
+    loss = linear_cross_entropy(hidden, head.weight, targets[0], head.bias, num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
 
 
 def _unpack_output(output, meta: VarlenMetadata):

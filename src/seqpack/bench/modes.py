@@ -51,8 +51,8 @@ class Mode:
     attn_implementation: Callable[[ModeOptions], str]
     collate: Callable[[Batch, int], Inputs]
     prepare: Callable[[torch.nn.Module, ModeOptions], torch.nn.Module] = lambda model, options: model
-    describe_attention: Callable[[torch.nn.Module, ModeOptions], str] = (
-        lambda model, options: model.config._attn_implementation
+    describe_attention: Callable[[torch.nn.Module, ModeOptions], str] = lambda model, options: (
+        model.config._attn_implementation
     )
 
 

@@ -25,7 +25,9 @@ class Preset:
 
 
 def _llama(**values) -> dict:
-    base = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    base = dict(
+        model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0
+    )
     return base | values
 
 
@@ -203,7 +205,13 @@ def build_config(name: str):
 
 
 def load_model(
-    name: str, *, attn_implementation: str, dtype: torch.dtype, device: torch.device, seed: int, random_init: bool
+    name: str,
+    *,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    random_init: bool,
 ) -> torch.nn.Module:
     """A fresh model in train mode: a preset or hub id / path with random weights, or pretrained.
 
@@ -216,14 +224,18 @@ def load_model(
         config = build_config(name) if name in PRESETS else AutoConfig.from_pretrained(name)
         torch.manual_seed(seed)
         with device:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn_implementation
+            )
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation
+        )
         model.to(device)
     return model.train()
 
 
-def vocab_size(name: str, *, random_init: bool) -> int:
+def vocab_size(name: str) -> int:
     """The vocab size of a model, without building it."""
     if name in PRESETS:
         return PRESETS[name].config["vocab_size"]

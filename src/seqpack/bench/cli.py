@@ -1,0 +1,255 @@
+"""``seqpack-bench``: padding vs transformers' packing vs seqpack, one command, one table.
+
+    seqpack-bench                                   # tiny model, GSM8K, all modes: CPU, < 2 min
+    seqpack-bench --model llama-3.2-1b              # on a GPU: bf16, batch 16
+    seqpack-bench --model mistral-7b --batch-size 8 --json out.json --plot out.png
+    seqpack-bench --model ./my-model --data my.jsonl --text-field text --tokenizer ./my-model
+
+Exit status: 0; 1 when a mode failed (its row says why); 3 when first-step losses disagree and
+``--strict-loss`` is given (without it the disagreement is a loud warning and a JSON flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import data as data_lib
+from .modes import DEFAULT_MODES, MODES
+from .presets import PRESETS, vocab_size
+from .report import environment, format_report, warn_mismatch, write_json, write_plot
+from .run import LOSS_TOLERANCE, BenchConfig, check_first_losses, run_mode, set_speedups
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXIT_MODE_FAILED = 1
+EXIT_LOSS_MISMATCH = 3
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seqpack-bench",
+        description="Train a model for a few steps with padded batches, transformers' packing and seqpack, "
+        "on the same batches, and print time, real-token throughput, peak memory and the speed-up.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets: "
+        + ", ".join(PRESETS)
+        + "\nmodes:\n"
+        + "\n".join(f"  {m.name}: {m.summary}" for m in MODES.values()),
+    )
+    what = p.add_argument_group("what to run")
+    what.add_argument(
+        "--model",
+        type=_csv,
+        default=["tiny"],
+        help="preset name(s), hub id or local path; comma-separated (default: tiny)",
+    )
+    what.add_argument(
+        "--random-init", action="store_true", help="hub id / path: build from its config with random weights"
+    )
+    what.add_argument(
+        "--modes",
+        type=_csv,
+        default=list(DEFAULT_MODES),
+        help=f"comma-separated (default: {','.join(DEFAULT_MODES)})",
+    )
+    what.add_argument(
+        "--hf-attn",
+        default=None,
+        help="attention for hf-packing (default: flash_attention_3/2 > flex_attention on GPU > sdpa)",
+    )
+    what.add_argument("--seqpack-backend", default="auto", help="seqpack.patch(backend=...) (default: auto)")
+    what.add_argument("--list", action="store_true", help="list presets and modes, then exit")
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=data_lib.DEFAULT_DATA,
+        help="'gsm8k' (embedded, default), a .jsonl file, or a hub dataset (online, needs `datasets`)",
+    )
+    data.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    data.add_argument(
+        "--template",
+        default=None,
+        help="format string over the record's fields instead, e.g. 'Question: {question}\\nAnswer: {answer}'",
+    )
+    data.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model or AutoTokenizer path/id (default: the --model path)",
+    )
+    data.add_argument("--split", default="train", help="hub dataset split (default: train)")
+    data.add_argument(
+        "--max-length",
+        type=_positive,
+        default=None,
+        help="cut examples to this many tokens (default: no cut)",
+    )
+
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=_positive, default=16, help="examples per batch (default: 16)")
+    train.add_argument("--steps", type=_positive, default=8, help="timed steps per mode (default: 8)")
+    train.add_argument(
+        "--warmup", type=_non_negative, default=2, help="untimed warm-up steps before them (default: 2)"
+    )
+    train.add_argument(
+        "--optimizer", choices=["adamw", "sgd", "none"], default="adamw", help="(default: adamw)"
+    )
+    train.add_argument("--lr", type=float, default=1e-5, help="(default: 1e-5)")
+    train.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on GPU, fp32 on CPU"
+    )
+    train.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    train.add_argument(
+        "--seed", type=int, default=0, help="seeds the batches and every mode's initial weights (default: 0)"
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", default=None, metavar="PATH", help="write one record per (model, mode)")
+    out.add_argument(
+        "--plot", default=None, metavar="PATH.png", help="throughput and memory bars (needs matplotlib)"
+    )
+    out.add_argument(
+        "--loss-tol",
+        type=float,
+        default=None,
+        help="relative first-loss tolerance (default: 2e-2 bf16, 1e-2 fp16, 1e-4 fp32)",
+    )
+    out.add_argument(
+        "--strict-loss",
+        action="store_true",
+        help=f"exit {EXIT_LOSS_MISMATCH} when first-step losses disagree",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    args.device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
+    if args.data != data_lib.DEFAULT_DATA and args.tokenizer is None:
+        local_models = [m for m in args.model if m not in PRESETS]
+        if not local_models:
+            parser.error("--data needs --tokenizer (a preset has no tokenizer)")
+        args.tokenizer = local_models[0]
+    return args
+
+
+def _load_data(args: argparse.Namespace) -> data_lib.TokenData:
+    if args.data == data_lib.DEFAULT_DATA:
+        return data_lib.load_default()
+    return data_lib.load_text_data(
+        args.data,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        template=args.template,
+        split=args.split,
+    )
+
+
+def _list() -> str:
+    lines = ["presets:"]
+    lines += [f"  {p.name:<14} {p.config['model_type']:<8} {p.source}" for p in PRESETS.values()]
+    lines += ["modes:"] + [f"  {m.name:<14} {m.summary}" for m in MODES.values()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print(_list())
+        return 0
+    dtype = DTYPES[args.dtype]
+    tolerance = args.loss_tol if args.loss_tol is not None else LOSS_TOLERANCE[dtype]
+    token_data = _load_data(args)
+    batches = data_lib.make_batches(
+        token_data,
+        batch_size=args.batch_size,
+        num_batches=args.warmup + args.steps,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    cfg = BenchConfig(
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        dtype=dtype,
+        device=args.device,
+        random_init=args.random_init,
+        hf_attn=args.hf_attn,
+        seqpack_backend=args.seqpack_backend,
+    )
+    results = []
+    for model in args.model:
+        model_vocab = vocab_size(model)
+        model_batches = batches
+        if token_data.vocab_size > model_vocab:
+            print(
+                f"note: {model} has a {model_vocab}-token vocab, smaller than the data's {token_data.vocab_size}: "
+                "token ids are folded (id % vocab); lengths are unchanged.",
+                file=sys.stderr,
+            )
+            model_batches = data_lib.fold_vocab(batches, model_vocab)
+        for mode in args.modes:
+            results.append(run_mode(model, mode, model_batches, cfg))
+
+    check = check_first_losses(results, tolerance)
+    set_speedups(results)
+    env = environment(args.device)
+    run = {
+        "data": token_data.name,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "loss_tolerance": tolerance,
+    }
+    if not check.ok:
+        warn_mismatch(check)
+    print(format_report(results, check, env, run), flush=True)
+    if args.json:
+        write_json(args.json, results, env, run)
+    if args.plot:
+        write_plot(args.plot, results, env)
+    if not check.ok and args.strict_loss:
+        return EXIT_LOSS_MISMATCH
+    return EXIT_MODE_FAILED if any(r.error for r in results) else 0

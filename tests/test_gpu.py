@@ -1,0 +1,103 @@
+"""bf16 parity of every backend available on a CUDA GPU against the unpatched sdpa model.
+
+The flash-attention rule: the patched bf16 model's error against an fp32 reference may be at most
+twice the unpatched bf16 model's error. Run on an H100/H200 with ``pytest -m gpu tests/test_gpu.py``.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from seqpack import attention, patch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SHAPE = dict(
+    hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=64, vocab_size=1024, pad_token_id=0, max_position_embeddings=4096,
+)  # fmt: skip
+MODELS = {
+    "llama": {},
+    "mistral": dict(sliding_window=64),
+    "qwen2": {},
+    "gemma2": dict(
+        sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, head_dim=256
+    ),
+    "phi3": dict(num_key_value_heads=8),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=64, head_dim=64),
+}
+LENGTHS = [300, 1, 517, 129, 64, 260, 511, 7]
+
+
+def _build(model_type, overrides):
+    config = AutoConfig.for_model(model_type, **{**SHAPE, **overrides})
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().train()
+
+
+def _batch(vocab):
+    g = torch.Generator().manual_seed(0)
+    seq_len = max(LENGTHS)
+    ids = torch.randint(1, vocab, (len(LENGTHS), seq_len), generator=g)
+    mask = (torch.arange(seq_len)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids.cuda(), mask.cuda(), ids.masked_fill(mask == 0, -100).cuda()
+
+
+def _run(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    real = mask.bool()
+    grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    return out.logits[real].float().detach(), out.loss.float().detach(), grad
+
+
+def _err(x, ref):
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+@pytest.mark.parametrize("backend", ["torch", "flash_attn", "fa3", "reference"])
+def test_bf16_parity(model_type, backend):
+    if backend not in attention.available_backends():
+        pytest.skip(f"backend {backend} not available here")
+    fp32 = _build(model_type, MODELS[model_type])
+    ids, mask, labels = _batch(fp32.config.vocab_size)
+    ref_logits, ref_loss, ref_grad = _run(fp32, ids, mask, labels)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    base_logits, base_loss, base_grad = _run(bf16, ids, mask, labels)
+    patched = patch(copy.deepcopy(fp32).to(torch.bfloat16), backend=backend)
+    logits, loss, grad = _run(patched, ids, mask, labels)
+    report = {
+        "logits": (_err(logits, ref_logits), _err(base_logits, ref_logits)),
+        "loss": (
+            abs(loss - ref_loss).item() / ref_loss.item(),
+            abs(base_loss - ref_loss).item() / ref_loss.item(),
+        ),
+        "grads": (_err(grad, ref_grad), _err(base_grad, ref_grad)),
+    }
+    print(
+        f"\n{model_type:8s} {backend:10s} "
+        + "  ".join(f"{k}: {a:.2e} (unpatched {b:.2e})" for k, (a, b) in report.items())
+    )
+    for name, (patched_err, unpatched_err) in report.items():
+        assert patched_err <= 2 * unpatched_err + 1e-6, (name, patched_err, unpatched_err)
+
+
+def test_fp32_on_gpu_falls_back_exactly():
+    """The varlen kernels have no fp32: those calls run on the reference path, exactly."""
+    fp32 = _build("llama", {})
+    ids, mask, labels = _batch(fp32.config.vocab_size)
+    ref_logits, ref_loss, _ = _run(fp32, ids, mask, labels)
+    logits, loss, _ = _run(patch(copy.deepcopy(fp32)), ids, mask, labels)
+    torch.testing.assert_close(logits, ref_logits, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
