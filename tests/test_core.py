@@ -9,7 +9,12 @@ import pytest
 import torch
 from helpers import EAGER, grads, padded_batch, per_sequence_logits, tiny_llama
 from torch.testing import assert_close
-from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithFlattening
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DataCollatorWithFlattening,
+)
 
 from seqpack import UnsupportedModelError, attention, is_patched, patch, unpatch
 from seqpack.packing import metadata_from_mask, pack, unpack
@@ -110,7 +115,9 @@ def test_prepacked_batch_passes_through(flash_kwargs):
     out = patched(**batch)
     # transformers' own packing detection needs use_cache=False: with a cache (the default, even in
     # train mode) it silently attends across sequences.
-    ref = reference(**{k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_len"))}, use_cache=False)
+    ref = reference(
+        **{k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_len"))}, use_cache=False
+    )
     assert out.logits.shape == (1, sum(LENGTHS), 128)
     assert_close(out.logits[0], torch.cat(truth), rtol=1e-4, atol=1e-5)
     assert_close(ref.logits[0], torch.cat(truth), rtol=1e-4, atol=1e-5)
@@ -322,3 +329,18 @@ def test_import_has_no_side_effects():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_patching_one_model_leaves_a_model_sharing_its_config_alone():
+    config = tiny_llama().config
+    torch.manual_seed(0)
+    other = AutoModelForCausalLM.from_config(config).train()
+    patched = AutoModelForCausalLM.from_config(config).train()
+    assert patched.config is other.config  # transformers shares it
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    before = other(input_ids=ids, attention_mask=mask, labels=labels).loss
+    patch(patched, **EAGER)
+    assert other.config._attn_implementation == "sdpa"
+    assert_close(other(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
+    unpatch(patched)
+    assert patched.config is other.config

@@ -123,7 +123,8 @@ def _reference_attention(
     """
     total = query.shape[2]
     device = query.device
-    seq_id = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=device), right=True)  # (T,)
+    # No slice of cu_seqlens here: a (B,) slice would make compiled code specialise on B == 1.
+    seq_id = torch.searchsorted(cu_seqlens.long(), torch.arange(total, device=device), right=True)  # (T,)
     pos = torch.arange(total, device=device)
     allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])  # (T, T)
     if sliding_window:
@@ -302,7 +303,17 @@ def varlen_attention_forward(
         # Outside a packed forward (e.g. gradient-checkpoint recompute of an unpacked call):
         # behave exactly like the implementation the model had before patch().
         return _delegate(
-            module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs
+            layer_plan,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout,
+            scaling,
+            sliding_window,
+            softcap,
+            kwargs,
         )
     if max_seqlen is None:
         raise ValueError("seqpack: cu_seq_lens_q was given without max_length_q.")

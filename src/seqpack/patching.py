@@ -14,6 +14,7 @@ signatures); ``_EXCEPTIONS`` holds the few types that pass those checks and are 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
@@ -69,6 +70,7 @@ class _Record:
     causal_lm: bool = False
     fused_loss: bool = False  # training with labels skips the logits (see loss.fusable_head)
     memory_budget: float | None = None
+    config_owners: list = field(default_factory=list)  # (module, the config object it had)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -181,6 +183,29 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _private_configs(model: nn.Module) -> list:
+    """Give the model config objects of its own before patch() changes them.
+
+    ``from_config`` and friends may hand one config object to several models (a policy and its
+    reference, say); naming seqpack's attention in a shared config would reroute the other,
+    unpatched model too. Returns (module, previous config) pairs so unpatch can put them back.
+    """
+    old_top = model.config
+    new_top = copy.deepcopy(old_top)
+    mapping = {id(old_top): new_top}
+    for key in getattr(old_top, "sub_configs", {}) or {}:
+        old_sub, new_sub = getattr(old_top, key, None), getattr(new_top, key, None)
+        if old_sub is not None and new_sub is not None:
+            mapping[id(old_sub)] = new_sub
+    swapped = []
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in mapping:
+            swapped.append((module, config))
+            module.config = mapping[id(config)]
+    return swapped
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -263,6 +288,7 @@ def patch(
         fused_loss=causal_lm and not keep_logits and fusable_head(target),
         memory_budget=memory_budget,
     )
+    record.config_owners = _private_configs(target)
     for module in _base_model(target).modules():
         if _uses_attention_interface(module) and hasattr(module, "config"):
             setattr(module, attention.PLAN_ATTR, attention.plan(chosen, module.config._attn_implementation))
@@ -296,6 +322,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         record.owner.forward = record.previous_forward
     for config, impl in record.configs:
         config._attn_implementation_internal = impl
+    for module, config in record.config_owners:
+        module.config = config
     for module in record.attention_modules:
         module.__dict__.pop(attention.PLAN_ATTR, None)
     compiling.uncompile(record.compiled)

@@ -1,0 +1,86 @@
+"""The fused linear cross-entropy and when patched models skip the logits."""
+
+import pytest
+import torch
+from helpers import grads, padded_batch, tiny_llama
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from seqpack import loss as seqloss
+from seqpack import patch
+
+
+@pytest.mark.parametrize("chunk", [3, 64], ids=["chunked", "one-chunk"])
+@pytest.mark.parametrize("num_items", [None, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_plain(monkeypatch, chunk, num_items, bias):
+    monkeypatch.setattr(seqloss, "_chunk_size", lambda vocab: chunk)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    b = torch.randn(11, generator=g, requires_grad=True) if bias else None
+    targets = torch.tensor([1, 2, -100, 4, 5, 10, -100, 0, 3, 3])
+    fused = seqloss.linear_cross_entropy(hidden, weight, targets, b, num_items_in_batch=num_items)
+    fused.backward()
+    fused_grads = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    logits = torch.nn.functional.linear(hidden, weight, b)
+    reduction = "mean" if num_items is None else "sum"
+    plain = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+    plain = plain if num_items is None else plain / num_items
+    plain.backward()
+    assert_close(fused, plain)
+    for got, want in zip(fused_grads, [t.grad for t in (hidden, weight, b) if t is not None], strict=True):
+        assert_close(got, want)
+
+
+def test_frozen_weight_gets_no_gradient():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(11, 8)
+    seqloss.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, -100])).backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+def test_training_with_labels_skips_logits_and_matches_unpatched():
+    reference, patched = tiny_llama(), patch(tiny_llama(), compile=False)
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=50)
+    ref.loss.backward()
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=50)
+    out.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref_grads, new_grads = grads(reference), grads(patched)
+    for name in ref_grads:
+        assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_logits_come_back_when_a_caller_needs_them():
+    ids, mask, labels = padded_batch([7, 3], 7)
+    model = patch(tiny_llama(), compile=False)
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 7, 128)  # no labels
+    with torch.no_grad():
+        assert model.eval()(input_ids=ids, attention_mask=mask, labels=labels).logits is not None  # eval
+    kept = patch(tiny_llama(), compile=False, keep_logits=True)
+    assert kept(input_ids=ids, attention_mask=mask, labels=labels).logits is not None  # the option
+
+
+def test_softcapped_head_keeps_the_models_own_loss():
+    config = AutoConfig.for_model(
+        "gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, final_logit_softcapping=5.0,
+        sliding_window=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    assert not seqloss.fusable_head(reference)
+    patched = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    patched.load_state_dict(reference.state_dict())
+    patch(patched, compile=False)
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
