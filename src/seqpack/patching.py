@@ -14,9 +14,12 @@ signatures); ``_EXCEPTIONS`` holds the few types that pass those checks and are 
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import logging
+import re
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,19 +43,17 @@ logger = logging.getLogger("seqpack")
 
 _RECORD = "_seqpack_record"
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
-_SEQUENCE_MIXER_WORDS = (
-    "mamba",
-    "ssm",
-    "rwkv",
-    "recurrent",
-    "deltanet",
-    "linearattention",
-    "shortconv",
-    "lightning",
+# Class-name parts of layers that carry state along the sequence (case-sensitive CamelCase parts,
+# so "GptOssMLP" is not an "SSM").
+_SEQUENCE_MIXERS = re.compile(
+    r"Mamba|SSM|Ssm(?![a-z])|Rwkv|RWKV|Recurrent|DeltaNet|LinearAttention|ShortConv|Lightning"
 )
 
 # Types that look packable to every generic check below and are not; each with the reason.
-_EXCEPTIONS: dict[str, str] = {}
+_EXCEPTIONS: dict[str, str] = {
+    "blt": "its byte-level local encoder/decoder call their attention without the packing metadata",
+    "doge": "its attention builds a content-dependent dynamic mask, which the varlen kernels do not apply",
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -83,6 +84,13 @@ def _text_config(model: nn.Module):
 
 
 def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | None:
+    get_decoder = getattr(base, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    if isinstance(decoder, nn.Module):
+        base = decoder  # a multimodal model: its language model, not its vision tower
     for module in base.modules():
         if (
             isinstance(module, nn.ModuleList)
@@ -94,6 +102,61 @@ def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | No
 
 
 _SOURCE_CACHE: dict[type, bool] = {}
+
+
+def _source(fn) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return ""
+
+
+def _call_drops_kwargs(fn, is_target) -> bool:
+    """Whether ``fn`` calls something matching ``is_target`` without passing ``**kwargs`` on.
+
+    Packing metadata reaches attention only through ``**kwargs``; a call that lists its arguments
+    one by one drops it. Unknown (no source, no such call) counts as not dropping; the attention
+    function still catches it at the first forward.
+    """
+    try:
+        tree = ast.parse(_source(fn))
+    except SyntaxError:
+        return False
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and is_target(n.func)]
+    return bool(calls) and not any(k.arg is None for c in calls for k in c.keywords)
+
+
+def _drops_kwargs(base: nn.Module, layers: nn.ModuleList) -> str | None:
+    owner, layers_name = base, None
+    for module in base.modules():
+        layers_name = next((n for n, m in module.named_children() if m is layers), None)
+        if layers_name is not None:
+            owner = module
+            break
+    base = owner  # the module whose forward loops over the decoder layers
+    loop_vars = set()
+    try:
+        tree = ast.parse(_source(type(base).forward))
+    except SyntaxError:
+        tree = None
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and layers_name:
+            if f"self.{layers_name}" in ast.unparse(node.iter):
+                loop_vars.add(node.target.id)
+    if loop_vars and _call_drops_kwargs(
+        type(base).forward, lambda f: isinstance(f, ast.Name) and f.id in loop_vars
+    ):
+        return f"{type(base).__name__}.forward calls its decoder layers without **kwargs"
+    layer = layers[0]
+    for name, child in layer.named_children():
+        if any(_uses_attention_interface(m) for m in child.modules()):
+
+            def is_attn(f, name=name):
+                return isinstance(f, ast.Attribute) and f.attr == name and ast.unparse(f.value) == "self"
+
+            if _call_drops_kwargs(type(layer).forward, is_attn):
+                return f"{type(layer).__name__}.forward calls self.{name} without **kwargs"
+    return None
 
 
 def _uses_attention_interface(module: nn.Module) -> bool:
@@ -159,12 +222,20 @@ def unsupported_reason(model: nn.Module) -> str | None:
                 "attention interface (its attention is built in, or the layer is recurrent/SSM/convolutional)"
             )
         attn_modules += found
+    dropped = _drops_kwargs(base, layers)
+    if dropped:
+        return f"{dropped}, so the packing metadata cannot reach attention"
+    for module in base.modules():
+        if "create_position_ids_from_input_ids" in _source(type(module).forward):
+            return (
+                f"{type(module).__name__} derives absolute positions from the padding "
+                "(RoBERTa-style, starting at padding_idx + 1), which packing would shift"
+            )
     for module in attn_modules:
         if getattr(module, "is_causal", True) is False:
             return f"{type(module).__name__} is bidirectional (is_causal=False)"
     for name, module in layers.named_modules():
-        cls = type(module).__name__.lower()
-        if isinstance(module, nn.Conv1d) or any(w in cls for w in _SEQUENCE_MIXER_WORDS):
+        if isinstance(module, nn.Conv1d) or _SEQUENCE_MIXERS.search(type(module).__name__):
             return (
                 f"{type(module).__name__} ({name}) mixes tokens along the sequence outside attention "
                 "(a convolution or recurrent state), which would leak across packed sequences"

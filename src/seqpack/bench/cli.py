@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=_positive, default=16, help="examples per batch (default: 16)")
-    train.add_argument("--steps", type=_positive, default=8, help="timed steps per mode (default: 8)")
+    train.add_argument("--steps", type=_positive, help="timed steps per mode (default: 10 on GPU, 4 on CPU)")
     train.add_argument(
-        "--warmup", type=_non_negative, default=2, help="untimed warm-up steps before them (default: 2)"
+        "--warmup",
+        type=_non_negative,
+        help="warm-up steps before them, timed apart (default: 3 on GPU, 1 on CPU)",
     )
     train.add_argument(
         "--optimizer", choices=["adamw", "sgd", "none"], default="adamw", help="(default: adamw)"
@@ -148,15 +150,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
-    args.device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    gpu = args.device.type != "cpu"
+    if args.steps is None:
+        args.steps = 10 if gpu else 4
+    if args.warmup is None:
+        args.warmup = 3 if gpu else 1
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
     if args.data != data_lib.DEFAULT_DATA and args.tokenizer is None:

@@ -15,8 +15,9 @@ Memory, per mode:
   included: an honest upper bound, noisier than the CUDA figure. Where Linux's ``clear_refs`` is
   unavailable, ``ru_maxrss`` is used and flagged: it is process-wide, so later modes inherit the
   peaks of earlier ones.
-- ``held``: the most memory held at the start of a step (weights, gradients and optimizer state,
-  once the first step has created them); ``activation`` = peak - held.
+- ``held``: weights, gradients and optimizer state, once the first step has created them: on CUDA
+  the most memory allocated at the start of a step; on the CPU, where the resident set also holds
+  allocator slack, the bytes of those tensors counted one by one. ``activation`` = peak - held.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class _CudaMemory:
         self.base = torch.cuda.memory_allocated(self.device)
         self.held = 0
 
-    def sample_held(self) -> None:
+    def sample_held(self, model, optimizer) -> None:
         self.held = max(self.held, torch.cuda.memory_allocated(self.device) - self.base)
 
     def peak(self) -> int:
@@ -117,8 +118,22 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def _state_bytes(model: torch.nn.Module, optimizer) -> int:
+    """Bytes of the distinct storages behind parameters, their gradients and optimizer state."""
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    if optimizer is not None:
+        tensors += [
+            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 class _RssMemory:
-    method = "peak RSS (VmHWM) reset per mode via /proc/self/clear_refs, minus RSS at reset"
+    method = (
+        "peak RSS (VmHWM) reset per mode via /proc/self/clear_refs, minus RSS at reset; "
+        "held = bytes of weights + grads + optimizer state"
+    )
 
     def __init__(self):
         libc_name = ctypes.util.find_library("c")
@@ -130,7 +145,7 @@ class _RssMemory:
             self.resettable = True
         except OSError:
             self.resettable = False
-            self.method = "ru_maxrss (process-wide peak: includes earlier modes)"
+            self.method = "ru_maxrss (process-wide peak: includes earlier modes); held = bytes of weights + grads + optimizer state"
 
     def _rss(self) -> int:
         if self.resettable:
@@ -148,8 +163,8 @@ class _RssMemory:
         self.base = self._rss()
         self.held = 0
 
-    def sample_held(self) -> None:
-        self.held = max(self.held, self._rss() - self.base)
+    def sample_held(self, model, optimizer) -> None:
+        self.held = max(self.held, _state_bytes(model, optimizer))
 
     def peak(self) -> int:
         if self.resettable:
@@ -210,8 +225,12 @@ def _make_optimizer(name: str, params, lr: float, device: torch.device):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adamw":
-        # The fused kernel is what a tuned CUDA training loop uses; the CPU keeps the default.
-        return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+        # The fused kernel is what a tuned training loop uses (CUDA, and the CPU since torch 2.4);
+        # the per-tensor fallback costs a CPU step more than a tiny model's forward.
+        try:
+            return torch.optim.AdamW(params, lr=lr, fused=True)
+        except (RuntimeError, ValueError):
+            return torch.optim.AdamW(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -246,7 +265,6 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
     result = Result(model_name, mode_name, steps=len(batches) - cfg.warmup, warmup_steps=cfg.warmup)
     result.real_tokens, result.padded_tokens = _token_counts(batches[cfg.warmup :])
     cuda = cfg.device.type == "cuda"
-    _free(cfg.device)
     meter = memory_meter(cfg.device)
     result.mem_method = meter.method
     progress = Progress(f"{model_name} / {mode_name}", len(batches), cfg.warmup)
@@ -276,7 +294,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
                     torch.cuda.synchronize(cfg.device)
                 timed_start = time.perf_counter()
                 result.warmup_time_s = timed_start - warmup_start
-            meter.sample_held()
+            meter.sample_held(model, optimizer)
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
