@@ -40,7 +40,8 @@ def _build(model_type, overrides):
         if hasattr(config, name):
             setattr(config, name, 0.0)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").cuda().train()
+    attn = "eager" if model_type == "gpt_oss" else "sdpa"  # gpt-oss's sinks need its eager attention
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).cuda().train()
 
 
 def _batch(vocab):
@@ -67,7 +68,10 @@ def _err(x, ref):
 
 @pytest.mark.parametrize("model_type", list(MODELS))
 @pytest.mark.parametrize("backend", ["torch", "flash_attn", "fa3", "reference"])
-def test_bf16_parity(model_type, backend):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_parity(model_type, backend, compiled):
+    if compiled and (backend != "torch" or model_type not in ("llama", "mistral")):
+        pytest.skip("compiled layers are checked on the default backend and two architectures")
     if backend not in attention.available_backends():
         pytest.skip(f"backend {backend} not available here")
     fp32 = _build(model_type, MODELS[model_type])
@@ -75,7 +79,9 @@ def test_bf16_parity(model_type, backend):
     ref_logits, ref_loss, ref_grad = _run(fp32, ids, mask, labels)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     base_logits, base_loss, base_grad = _run(bf16, ids, mask, labels)
-    patched = patch(copy.deepcopy(fp32).to(torch.bfloat16), backend=backend)
+    patched = patch(
+        copy.deepcopy(fp32).to(torch.bfloat16), backend=backend, compile=compiled, keep_logits=True
+    )
     logits, loss, grad = _run(patched, ids, mask, labels)
     report = {
         "logits": (_err(logits, ref_logits), _err(base_logits, ref_logits)),
@@ -86,7 +92,7 @@ def test_bf16_parity(model_type, backend):
         "grads": (_err(grad, ref_grad), _err(base_grad, ref_grad)),
     }
     print(
-        f"\n{model_type:8s} {backend:10s} "
+        f"\n{model_type:8s} {backend:10s} {'compiled' if compiled else 'eager':8s} "
         + "  ".join(f"{k}: {a:.2e} (unpatched {b:.2e})" for k, (a, b) in report.items())
     )
     for name, (patched_err, unpatched_err) in report.items():
@@ -98,6 +104,6 @@ def test_fp32_on_gpu_falls_back_exactly():
     fp32 = _build("llama", {})
     ids, mask, labels = _batch(fp32.config.vocab_size)
     ref_logits, ref_loss, _ = _run(fp32, ids, mask, labels)
-    logits, loss, _ = _run(patch(copy.deepcopy(fp32)), ids, mask, labels)
+    logits, loss, _ = _run(patch(copy.deepcopy(fp32), compile=False, keep_logits=True), ids, mask, labels)
     torch.testing.assert_close(logits, ref_logits, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
