@@ -96,7 +96,9 @@ def test_bf16_parity(model_type, backend, compiled):
         + "  ".join(f"{k}: {a:.2e} (unpatched {b:.2e})" for k, (a, b) in report.items())
     )
     for name, (patched_err, unpatched_err) in report.items():
-        assert patched_err <= 2 * unpatched_err + 1e-6, (name, patched_err, unpatched_err)
+        # A scalar loss can land on the fp32 value by luck; bf16 rounding of it is ~4e-3.
+        floor = 1e-4 if name == "loss" else 1e-6
+        assert patched_err <= 2 * unpatched_err + floor, (name, patched_err, unpatched_err)
 
 
 def test_fp32_on_gpu_falls_back_exactly():
@@ -107,3 +109,31 @@ def test_fp32_on_gpu_falls_back_exactly():
     logits, loss, _ = _run(patch(copy.deepcopy(fp32), compile=False, keep_logits=True), ids, mask, labels)
     torch.testing.assert_close(logits, ref_logits, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_bf16_over_several_chunks():
+    """128k vocabulary, 5,000 tokens: three chunks, weight gradient accumulated in bf16."""
+    from seqpack.loss import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(5000, 256, device="cuda", generator=g)
+    weight = torch.randn(128256, 256, device="cuda", generator=g) / 16
+    targets = torch.randint(0, 128256, (5000,), device="cuda", generator=g)
+    targets[::7] = -100
+
+    def run(h, w, fused):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        if fused:
+            loss = linear_cross_entropy(h, w, targets)
+        else:
+            loss = torch.nn.functional.cross_entropy((h @ w.T).float(), targets)
+        loss.backward()
+        return loss.float(), h.grad.float(), w.grad.float()
+
+    ref = run(hidden.double(), weight.double(), fused=False)
+    plain = run(hidden.bfloat16(), weight.bfloat16(), fused=False)
+    fused = run(hidden.bfloat16(), weight.bfloat16(), fused=True)
+    for name, r, p, f in zip(("loss", "hidden grad", "weight grad"), ref, plain, fused, strict=True):
+        err_plain, err_fused = _err(p.double(), r.double()), _err(f.double(), r.double())
+        print(f"\nfused loss {name}: {err_fused:.2e} (plain bf16 {err_plain:.2e})")
+        assert err_fused <= 2 * err_plain + 1e-5, (name, err_fused, err_plain)

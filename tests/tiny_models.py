@@ -37,6 +37,13 @@ _SHRINK = {
     "word_embed_proj_dim": HIDDEN,
     "input_embedding_size": HIDDEN,
     "output_embedding_size": HIDDEN,
+    "hidden_size_global": HIDDEN,
+    "hidden_size_per_layer_input": 16,
+    "vision_output_dim": HIDDEN,
+    "projector_input_dim": HIDDEN,
+    "projector_output_dim": HIDDEN,
+    "out_hidden_size": HIDDEN,
+    "mlp_dim": INTERMEDIATE,
     # depth
     "num_hidden_layers": 2,
     "n_layer": 2,
@@ -45,11 +52,13 @@ _SHRINK = {
     "decoder_layers": 2,
     "encoder_layers": 2,
     "num_decoder_layers": 2,
+    "num_blocks": 2,
     "num_encoder_layers": 2,
     # heads
     "num_attention_heads": HEADS,
     "n_head": HEADS,
     "n_heads": HEADS,
+    "attention_heads": HEADS,
     "num_heads": HEADS,
     "decoder_attention_heads": HEADS,
     "encoder_attention_heads": HEADS,
@@ -57,6 +66,9 @@ _SHRINK = {
     "num_encoder_attention_heads": HEADS,
     "num_key_value_heads": KV_HEADS,
     "num_kv_heads": KV_HEADS,
+    "swa_num_attention_heads": HEADS,
+    "swa_num_key_value_heads": KV_HEADS,
+    "swa_head_dim": HEAD_DIM,
     "head_dim": HEAD_DIM,
     "attention_head_size": HEAD_DIM,
     "d_head": HEAD_DIM,
@@ -77,6 +89,8 @@ _SHRINK = {
     "dense_intermediate_size": INTERMEDIATE,
     # vocabulary and positions
     "vocab_size": VOCAB,
+    "vocab_size_per_layer_input": VOCAB,
+    "unpadded_vocab_size": VOCAB,
     "max_position_embeddings": MAX_POSITIONS,
     "n_positions": MAX_POSITIONS,
     "n_ctx": MAX_POSITIONS,
@@ -111,10 +125,13 @@ _SHRINK = {
     "first_k_dense_replace": 1,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
+    "zero_expert_num": 2,
     "router_jitter_noise": 0.0,
     "input_jitter_noise": 0.0,
     # multi-head latent attention and sparse indexers
     "q_lora_rank": 32,
+    "o_lora_rank": 32,
+    "hc_lowrank": 16,
     "kv_lora_rank": 16,
     "qk_nope_head_dim": HEAD_DIM,
     "qk_rope_head_dim": 8,
@@ -153,6 +170,8 @@ _SHRINK = {
     "sliding_window_size": SLIDING_WINDOW,
     "attention_window_size": SLIDING_WINDOW,
     "local_attention_window_len": SLIDING_WINDOW,
+    "attention_chunk_size": SLIDING_WINDOW,
+    "keep_window_size": SLIDING_WINDOW,
 }
 
 # Attributes set even where the default is None (None means "derive it", or is a bug).
@@ -161,11 +180,6 @@ _SET_IF_NONE = ("head_dim", "num_key_value_heads", "pad_token_id")
 # Per-layer attributes whose values are layer indices (not one entry per layer).
 _LAYER_INDEX_LISTS = ("full_attn_idxs", "no_rope_layers", "moe_layers", "hybrid_layer_ids", "ple_layer_ids")
 
-# Per-type fixes for defaults that do not validate or build as shipped; applied before shrinking.
-_DEFAULT_FIXES: dict[str, dict] = {
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
-}
-
 _LINEAR_THEN_FULL = ["linear_attention", "full_attention"]
 
 # Per-type overrides, applied after the generic shrink; only where the generic path is wrong.
@@ -173,11 +187,22 @@ _OVERRIDES: dict[str, dict] = {
     # All-mamba by default; put one attention layer in so the tiny model has both kinds.
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": _LINEAR_THEN_FULL},
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    # Attention every 2nd layer (and MoE every 2nd), so 2 layers hold both kinds.
+    "jamba": {
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+    },
+    # Block pattern is (recurrent, recurrent, attention): 3 layers reach the attention block.
     "recurrent_gemma": {"num_hidden_layers": 3},
+    # Shipped LFM2 defaults are all-attention (lfm2) or None, which the model indexes (lfm2_moe);
+    # real checkpoints interleave short-conv layers, so keep one of each.
+    "lfm2": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     # Shared-transformer tying needs two hybrid layers to tie.
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    # Input, recurrent (looped) and output stacks must sum to num_hidden_layers.
     "dory": {
         "num_hidden_layers": 3,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
@@ -185,25 +210,80 @@ _OVERRIDES: dict[str, dict] = {
         "n_recurrent_layers": 1,
         "n_output_layers": 1,
     },
-    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
-    "dbrx": {"attn_config": {"rope_theta": 10000.0}},
+    # Shipped default has no RoPE entry per layer type; M-RoPE sections must sum to head_dim / 2.
+    "cohere_compass_text": {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]}
+        }
+    },
+    # Shipped attention config lacks rope_theta, and clip_qkv=None breaks the clamp in forward.
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # Sliding layers need head_dim == qk_nope_head_dim + qk_rope_head_dim.
     "dots3_note_text": {"head_dim": HEAD_DIM + 8},
+    # Shipped defaults leave the routing counts None, which routing cannot use.
     "deepseek_v2": {"num_experts_per_tok": TOP_K},
+    # JetMoE names its per-head width kv_channels.
+    "jetmoe": {"kv_channels": HEAD_DIM},
     "dots1": {"n_routed_experts": EXPERTS, "num_experts_per_tok": TOP_K, "n_shared_experts": 1},
+    # Mamba2 checks num_heads * head_dim == expand * hidden_size.
     "mamba2": {"num_heads": 8},
+    # ZAYA supports top-1 routing only.
     "zaya": {"num_experts_per_tok": 1},
-    "reformer": {"is_decoder": True, "attn_layers": ["local", "lsh"], "axial_pos_shape": [16, 32],
-                 "axial_pos_embds_dim": [16, 48]},
+    # ReformerModelWithLMHead requires is_decoder; axial position shapes must match the tiny sizes.
+    "reformer": {
+        "is_decoder": True,
+        "attn_layers": ["local", "lsh"],
+        "axial_pos_shape": [16, 32],
+        "axial_pos_embds_dim": [16, 48],
+    },
+    # X-MOD routes through per-language adapters and needs a language; XLM is bidirectional unless causal.
     "xmod": {"default_language": "en_XX"},
-    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": 2},
-    "blt": {"encoder_hash_byte_group_vocab": 64},
+    "xlm": {"causal": True},
+    # qk_dim_factor != 1 breaks the native chunkwise kernel on sequences shorter than a chunk.
+    "xlstm": {"embedding_dim": HIDDEN, "qk_dim_factor": 1.0},
+    # RoCBert's glyph and pronunciation embedding tables are the bulk of the model otherwise.
+    "roc_bert": {
+        "pronunciation_embed_dim": 16,
+        "pronunciation_vocab_size": 64,
+        "shape_embed_dim": 16,
+        "shape_vocab_size": 64,
+    },
+    # Audio and vision towers: the parts the generic names miss.
+    "phi4_multimodal_audio": {
+        "ext_pw_out_channel": HIDDEN,
+        "depthwise_separable_out_channel": HIDDEN,
+        "nemo_conv_channels": HIDDEN,
+    },
+    "got_ocr2_vision": {"output_channels": 32},
+    "dots3_note_vision_encoder": {"adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN},
+    "dots3_note_audio_encoder": {"adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN},
+    # The hash-embedding tables default to 500k rows each; the cache builder needs `num_hidden_layers`,
+    # which the composite BltConfig lacks, so the tiny model runs cache-free.
+    "blt": {"encoder_hash_byte_group_vocab": 64, "use_cache": False},
+    # KV-shared layers must reuse a kind that an earlier layer produces; 4 layers keep both kinds.
     "gemma3n_text": {"num_kv_shared_layers": 2},
-    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
-                       "indexer_budget": 8, "indexer_compress_ratio": 4},
+    # Indexed-attention layers need the QSA indexer configured; the shipped default leaves it unset.
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": HEAD_DIM,
+        "indexer_budget": 8,
+        "indexer_compress_ratio": 4,
+    },
 }
 
 # Types for which no tiny config runs a text-only forward; value is the reason (for pytest.skip).
-UNBUILDABLE: dict[str, str] = {}
+UNBUILDABLE: dict[str, str] = {
+    "gemma3n": "vision tower is a TimmWrapperModel: needs the timm and pillow packages",
+    "gemma4_assistant": "speculative-decoding drafter: forward needs the target model's shared_kv_states "
+    "and inputs_embeds (and the shipped default config does not validate)",
+    "gemma4_unified_assistant": "speculative-decoding drafter: every layer reuses the target model's KV "
+    "(shared_kv_states); no standalone text forward",
+    "musicgen": "audio-codebook decoder: input_ids are (batch * num_codebooks, seq) and AutoModelForCausalLM "
+    "rejects the composite MusicgenConfig",
+    "musicgen_melody": "audio-codebook decoder: input_ids are (batch * num_codebooks, seq) and "
+    "AutoModelForCausalLM rejects the composite MusicgenMelodyConfig",
+}
 
 
 def causal_lm_types() -> list[str]:
@@ -215,12 +295,7 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _num_layers(config: PretrainedConfig) -> int | None:
-    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+_DEPTH_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 
 
 def _per_layer_overrides(config: PretrainedConfig) -> dict:
@@ -229,10 +304,10 @@ def _per_layer_overrides(config: PretrainedConfig) -> dict:
     A layer's "kind" is the tuple of its entries across all per-layer lists, so a hybrid with
     attention/mamba mixers and dense/MoE MLPs keeps one layer of each combination it uses.
     """
-    n = _num_layers(config)
+    values = config.to_dict()
+    n = next((values[name] for name in _DEPTH_NAMES if isinstance(values.get(name), int)), None)
     if not n:
         return {}
-    values = config.to_dict()
     lists = {
         name: value
         for name, value in values.items()
@@ -244,7 +319,7 @@ def _per_layer_overrides(config: PretrainedConfig) -> dict:
     lists = {name: value for name, value in lists.items() if name not in _SHRINK}
     if not lists:
         return {}
-    kinds = list(zip(*lists.values()))
+    kinds = list(zip(*lists.values(), strict=True))
     keep: list[int] = []
     seen: set = set()
     for i, kind in enumerate(kinds):
@@ -258,7 +333,7 @@ def _per_layer_overrides(config: PretrainedConfig) -> dict:
     for name, value in lists.items():
         picked = [value[i] for i in keep]
         out[name] = "".join(picked) if isinstance(value, str) else picked
-    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers"):
+    for name in _DEPTH_NAMES:
         if name in values:
             out[name] = len(keep)
     if isinstance(values.get("per_layer_config"), dict):
@@ -282,7 +357,7 @@ def _shrink_layer_delta(delta: dict, *, mla: bool) -> dict:
     return out
 
 
-def _shrink_overrides(config: PretrainedConfig) -> dict:
+def _shrink_overrides(config: PretrainedConfig, *, top_level: bool = True) -> dict:
     """Keyword overrides that make `config` tiny, sub-configs included (as dicts)."""
     present = config.to_dict()
     out: dict = {}
@@ -303,13 +378,25 @@ def _shrink_overrides(config: PretrainedConfig) -> dict:
             out["head_dim"] = out.get("qk_rope_head_dim", present.get("qk_rope_head_dim"))
     for name, value in present.items():
         lowered = name.lower()
-        if isinstance(value, float) and ("dropout" in lowered or "pdrop" in lowered or "layerdrop" in lowered):
+        if isinstance(value, float) and (
+            "dropout" in lowered or "pdrop" in lowered or "layerdrop" in lowered
+        ):
             out[name] = 0.0
+    if top_level and present.get("is_decoder") is False:
+        # Encoder families (BERT, RoBERTa, ...) are causal LMs only as decoders; otherwise their
+        # *ForCausalLM attends bidirectionally.
+        out["is_decoder"] = True
     out.update(_per_layer_overrides(config))
     for name in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, name, None)
         if isinstance(sub, PretrainedConfig):
-            out[name] = {**sub.to_dict(), **_shrink_overrides(sub)}
+            # Only the sub-config's non-default fields: older releases reject bookkeeping keys.
+            kept = {
+                k: v
+                for k, v in sub.to_diff_dict().items()
+                if not k.startswith("_") and k != "transformers_version"
+            }
+            out[name] = {**kept, **_shrink_overrides(sub, top_level=False)}
     for name, value in _OVERRIDES.get(config.model_type, {}).items():
         if isinstance(value, dict) and isinstance(out.get(name), dict):
             out[name] = {**out[name], **value}  # a sub-config: amend it, keep the shrunk rest
@@ -332,9 +419,8 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         >>> tiny_config("llama").hidden_size
         64
     """
-    default = AutoConfig.for_model(model_type, **_DEFAULT_FIXES.get(model_type, {}))
-    overrides = {**_DEFAULT_FIXES.get(model_type, {}), **_shrink_overrides(default)}
-    return AutoConfig.for_model(model_type, **overrides)
+    default = AutoConfig.for_model(model_type)
+    return AutoConfig.for_model(model_type, **_shrink_overrides(default))
 
 
 def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

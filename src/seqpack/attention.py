@@ -102,9 +102,15 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-@functools.cache
 def _log_once(message: str) -> None:
-    logger.info(message)
+    # Not from inside a compiled region: dynamo would trace the logging call itself. The eager
+    # first call (or patch time) says it.
+    if not torch.compiler.is_compiling() and message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)
+
+
+_LOGGED: set[str] = set()
 
 
 # --------------------------------------------------------------------------- kernels

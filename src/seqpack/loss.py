@@ -71,8 +71,10 @@ def fusable_head(model: torch.nn.Module) -> bool:
 
 
 def _chunk_size(vocab: int) -> int:
-    # About 256 MB of fp32 logits per chunk, whatever the vocabulary.
-    return max(64, (1 << 26) // vocab)
+    # About 1 GiB of fp32 logits per chunk whatever the vocabulary (2k tokens at 128k): few, large
+    # GEMMs. Smaller chunks made the weight-gradient GEMM split-K bound and multiplied its
+    # accumulations (profiled on an H200: scripts/profile_step.py).
+    return max(256, (1 << 28) // vocab)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -89,9 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_h else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
-        )
+        grad_weight = None
         grad_bias = (
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs_b else None
         )
@@ -106,15 +106,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe[:, None]).squeeze(1)
             loss = loss + ((lse - picked) * valid).sum()
             if needs_h or needs_w or needs_b:
-                grad = torch.exp(logits - lse[:, None])  # softmax, reusing the logits' memory next
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
-                grad = (grad * valid[:, None]).to(hidden.dtype)  # (c, V)
+                grad = grad.mul_(valid[:, None]).to(hidden.dtype)  # (c, V)
                 if needs_h:
                     grad_hidden[start : start + step] = grad @ weight
                 if needs_w:
-                    grad_weight += (grad.t() @ h).float()
+                    # Accumulated in the weights' dtype by the GEMM itself (C += A @ B, fp32
+                    # inside): no (V, H) fp32 buffer and no separate add per chunk.
+                    if grad_weight is None:
+                        grad_weight = grad.t() @ h
+                    else:
+                        grad_weight.addmm_(grad.t(), h)
                 if needs_b:
                     grad_bias += grad.float().sum(0)
+        if needs_w and grad_weight is None:  # no tokens at all
+            grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(
             *(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias))
         )
@@ -126,10 +133,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         needs_h, needs_w, needs_b = ctx.present
-        weight_dtype, bias_dtype = ctx.dtypes
+        _, bias_dtype = ctx.dtypes
         return (
             grad_hidden * grad_loss.to(grad_hidden.dtype) if needs_h else None,
-            (grad_weight * grad_loss).to(weight_dtype) if needs_w else None,
+            grad_weight * grad_loss.to(grad_weight.dtype) if needs_w else None,
             (grad_bias * grad_loss).to(bias_dtype) if needs_b else None,
             None,
             None,

@@ -97,6 +97,7 @@ class _CudaMemory:
         self.device = device
 
     def reset(self) -> None:
+        gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -240,12 +241,6 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     }
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _token_counts(batches: list[list[list[int]]]) -> tuple[int, int]:
     real = sum(len(e) for batch in batches for e in batch)
     padded = sum(len(batch) * max(len(e) for e in batch) for batch in batches)
@@ -339,8 +334,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         with contextlib.suppress(Exception):
             result.peak_mem_mb = meter.peak() / 2**20
     finally:
-        del model, optimizer
-        _free(cfg.device)
+        del model, optimizer  # the next mode's meter.reset() collects and measures from there
     return result
 
 
