@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import logging
 import re
@@ -62,16 +63,24 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class _Record:
-    owner: nn.Module  # the module whose forward is wrapped
-    previous_forward: Any  # the instance attribute it had, or None
+    wrapped: list = field(default_factory=list)  # modules whose forward seqpack wraps
     configs: list = field(default_factory=list)  # (config, original attention implementation)
     attention_modules: list = field(default_factory=list)
     compiled: list = field(default_factory=list)  # decoder layers compiled in place
+    config_owners: list = field(default_factory=list)  # (module, the config object it had)
     backend: str = "reference"
-    causal_lm: bool = False
     fused_loss: bool = False  # training with labels skips the logits (see loss.fusable_head)
     memory_budget: float | None = None
-    config_owners: list = field(default_factory=list)  # (module, the config object it had)
+
+
+@dataclass
+class _Wrap:
+    """Stored on each wrapped module; the wrapper reads it through ``self`` (so deepcopy works)."""
+
+    record: _Record
+    previous: Any  # the instance forward that was there before patch(), or None
+    head: bool  # the causal-LM wrapper: LM head and loss on the packed tokens
+    active: bool = True
 
 
 # --------------------------------------------------------------------------- inspection
@@ -349,14 +358,9 @@ def patch(
         return model
     chosen = attention.resolve_backend(backend)
     attention.register()
-    causal_lm = _is_causal_lm(target)
-    owner = target if causal_lm else _base_model(target)
     record = _Record(
-        owner=owner,
-        previous_forward=owner.__dict__.get("forward"),
         backend=chosen,
-        causal_lm=causal_lm,
-        fused_loss=causal_lm and not keep_logits and fusable_head(target),
+        fused_loss=not keep_logits and fusable_head(target),
         memory_budget=memory_budget,
     )
     record.config_owners = _private_configs(target)
@@ -376,7 +380,14 @@ def patch(
         text_config = _text_config(target)
         layers = _decoder_layers(_base_model(target), getattr(text_config, "num_hidden_layers", None))
         record.compiled = compiling.compile_layers(layers)
-    owner.forward = _make_forward(owner, record)
+    # The backbone is always wrapped, so whoever calls it (a head, TRL's fused LM head) gets
+    # packing. A causal LM's own forward is wrapped too, so its LM head and loss run on real tokens
+    # only, unless a framework already replaced it on the instance: then that forward is left to
+    # call the backbone with the padded batch it expects.
+    base = _base_model(target)
+    _wrap(base, record, head=False)
+    if base is not target and _is_causal_lm(target) and "forward" not in target.__dict__:
+        _wrap(target, record, head=True)
     setattr(target, _RECORD, record)
     return model
 
@@ -387,10 +398,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     record = target.__dict__.pop(_RECORD, None)
     if record is None:
         return model
-    if record.previous_forward is None:
-        del record.owner.forward
-    else:
-        record.owner.forward = record.previous_forward
+    for module in record.wrapped:
+        _unwrap_forward(module)
     for config, impl in record.configs:
         config._attn_implementation_internal = impl
     for module, config in record.config_owners:
@@ -406,28 +415,71 @@ def unpatch(model: nn.Module) -> nn.Module:
 _CACHE_NAMES = ("past_key_values", "cache")
 
 
-def _make_forward(owner: nn.Module, record: _Record):
-    original = (
-        type(owner).forward.__get__(owner) if record.previous_forward is None else record.previous_forward
+_WRAP = "_seqpack_wrap"
+
+
+class _Forward:
+    """The forward a patched module gets, as an instance attribute.
+
+    An object rather than a closure: ``copy.deepcopy`` of the model copies it along with the module
+    it points to (a closure would keep computing with the original's weights), and ``__wrapped__``
+    gives ``inspect.signature`` the original's parameters, which Trainer reads to pick columns.
+    """
+
+    def __init__(self, module: nn.Module, original):
+        self.module = module
+        self.__wrapped__ = original
+        self.__doc__ = getattr(original, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return _packed_forward(self.module, *args, **kwargs)
+
+
+def _wrap(module: nn.Module, record: _Record, *, head: bool) -> None:
+    previous = module.__dict__.get("forward")
+    module.__dict__[_WRAP] = _Wrap(record, previous, head)
+    module.forward = _Forward(
+        module, previous if previous is not None else type(module).forward.__get__(module)
     )
-    signature = inspect.signature(type(owner).forward)
+    record.wrapped.append(module)
 
-    def forward(*args, **kwargs):
-        inputs = signature.bind_partial(owner, *args, **kwargs).arguments
-        inputs.pop("self", None)
-        for name, param in signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                inputs.update(inputs.pop(name, {}))
-        why = _passthrough_reason(owner, inputs)
-        if why is not None:
-            _log_passthrough(why)
-            with _original_attention(record):
-                return original(*args, **kwargs)
-        return _packed_call(original, record, inputs)
 
-    forward.__wrapped__ = original
-    forward.__doc__ = getattr(original, "__doc__", None)
-    return forward
+def _unwrap_forward(module: nn.Module) -> None:
+    wrap = module.__dict__.pop(_WRAP)
+    wrap.active = False  # a forward installed over ours keeps calling it: it now passes through
+    current = module.__dict__.get("forward")
+    if isinstance(current, _Forward):
+        if wrap.previous is None:
+            del module.forward
+        else:
+            module.forward = wrap.previous
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _packed_forward(self, *args, **kwargs):
+    """The forward of a patched module: pack, run the original forward, unpack."""
+    wrap = self.__dict__.get(_WRAP)
+    original = (
+        wrap.previous if wrap is not None and wrap.previous is not None else type(self).forward.__get__(self)
+    )
+    if wrap is None or not wrap.active:
+        return original(*args, **kwargs)
+    signature = _signature(type(self))
+    inputs = signature.bind_partial(self, *args, **kwargs).arguments
+    inputs.pop("self", None)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            inputs.update(inputs.pop(name, {}))
+    why = _passthrough_reason(self, inputs)
+    if why is not None:
+        _log_passthrough(why)
+        with _original_attention(wrap.record):
+            return original(*args, **kwargs)
+    return _packed_call(self, original, wrap, inputs)
 
 
 def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
@@ -525,7 +577,8 @@ def _metadata(inputs: dict, batch: int, length: int, device: torch.device) -> Va
     return metadata_from_mask(mask, batch, length, device, position_ids)
 
 
-def _packed_call(original, record: _Record, inputs: dict):
+def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict):
+    record = wrap.record
     batch, length, device = _check_inputs(inputs)
     meta = _metadata(inputs, batch, length, device)
     mask = inputs.pop("attention_mask", None)
@@ -549,7 +602,7 @@ def _packed_call(original, record: _Record, inputs: dict):
     )
     targets = None
     if labels is not None:
-        if not record.causal_lm:
+        if not wrap.head:
             call["labels"] = labels
         else:
             targets = _shift_labels(labels, mask, meta)  # (1, T)
@@ -557,20 +610,19 @@ def _packed_call(original, record: _Record, inputs: dict):
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
             call["shift_labels"] = targets
-    fused = targets is not None and record.fused_loss and record.owner.training
+    fused = targets is not None and record.fused_loss and module.training
     with attention.PackedForward(), compiling.memory_budget(record.memory_budget):
-        output = _fused_loss_call(record, call, targets) if fused else original(**call)
+        output = _fused_loss_call(module, call, targets) if fused else original(**call)
     output = _unpack_output(output, meta)
     if return_dict is False:
         return output.to_tuple()
     return output
 
 
-def _fused_loss_call(record: _Record, call: dict, targets: torch.Tensor):
+def _fused_loss_call(model: nn.Module, call: dict, targets: torch.Tensor):
     """The causal-LM forward with the loss fused into the LM head: no (T, V) logits, logits=None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    model = record.owner
     num_items = call.pop("num_items_in_batch", None)
     for name in ("labels", "shift_labels", "logits_to_keep"):
         call.pop(name, None)

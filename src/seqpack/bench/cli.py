@@ -5,6 +5,11 @@
     seqpack-bench --model mistral-7b --batch-size 8 --json out.json --plot out.png
     seqpack-bench --model ./my-model --data my.jsonl --text-field text --tokenizer ./my-model
 
+On a GPU keep at least 2 warm-up steps (the default is 3): transformers' flex_attention compiles
+for the first packed length and again, shape-dynamic, for the second, and seqpack's first step has
+one-off costs too. Warm-up time is reported apart; each mode's slowest timed step is shown next to
+its median.
+
 Exit status: 0; 1 when a mode failed (its row says why); 3 when first-step losses disagree and
 ``--strict-loss`` is given (without it the disagreement is a loud warning and a JSON flag).
 """
@@ -12,6 +17,7 @@ Exit status: 0; 1 when a mode failed (its row says why); 3 when first-step losse
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     set_speedups(results)
     env = environment(args.device)
     run = {
+        "command": shlex.join(["seqpack-bench", *(sys.argv[1:] if argv is None else argv)]),
         "data": token_data.name,
         "batch_size": args.batch_size,
         "steps": args.steps,

@@ -80,7 +80,9 @@ def load_tokenizer(path: str) -> Tokenizer:
         try:
             import sentencepiece as spm
         except ImportError as e:
-            raise SystemExit(f"--tokenizer {path} is a sentencepiece model: pip install sentencepiece") from e
+            raise SystemExit(
+                f"--tokenizer {path} is a sentencepiece model: pip install 'seqpack[bench]' (or sentencepiece)"
+            ) from e
         sp = spm.SentencePieceProcessor(model_file=path)
         bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
         return Tokenizer(lambda text: bos + sp.encode(text), sp.vocab_size())

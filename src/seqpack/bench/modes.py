@@ -132,11 +132,16 @@ def best_hf_attention(options: ModeOptions) -> str:
 # --------------------------------------------------------------------------- seqpack
 
 
-def _patch(model: torch.nn.Module, options: ModeOptions) -> torch.nn.Module:
-    from seqpack import patch
+def _patcher(**patch_kwargs) -> Callable[[torch.nn.Module, ModeOptions], torch.nn.Module]:
+    """A ``prepare`` that calls ``seqpack.patch(model, backend=..., **patch_kwargs)``."""
 
-    patched = patch(model, backend=options.seqpack_backend)
-    return patched if isinstance(patched, torch.nn.Module) else model
+    def prepare(model: torch.nn.Module, options: ModeOptions) -> torch.nn.Module:
+        from seqpack import patch
+
+        patched = patch(model, backend=options.seqpack_backend, **patch_kwargs)
+        return patched if isinstance(patched, torch.nn.Module) else model
+
+    return prepare
 
 
 def _describe_seqpack(model: torch.nn.Module, options: ModeOptions) -> str:
@@ -175,7 +180,17 @@ register_mode(
         summary="seqpack.patch(model) on the same padded batches as 'padding'",
         attn_implementation=lambda options: "sdpa",
         collate=pad_batch,
-        prepare=_patch,
+        prepare=_patcher(),
+        describe_attention=_describe_seqpack,
+    )
+)
+register_mode(
+    Mode(
+        name="seqpack-eager",
+        summary="seqpack.patch(model, compile=False): no compiled layers (not run by default)",
+        attn_implementation=lambda options: "sdpa",
+        collate=pad_batch,
+        prepare=_patcher(compile=False),
         describe_attention=_describe_seqpack,
     )
 )

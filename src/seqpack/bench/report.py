@@ -99,6 +99,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
         f"{env.transformers_version} · seqpack {env.seqpack_version} · {env.date}",
         f"data: {run['data']} · batch {run['batch_size']} · {run['steps']} timed steps after "
         f"{run['warmup']} warm-up · {run['dtype']} · optimizer {run['optimizer']} · seed {run['seed']}",
+        f"command: {run['command']}",
         "",
     ]
     rows = []
@@ -135,6 +136,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
                 r.mode,
                 f"{r.warmup_time_s:.2f}",
                 f"{r.step_time_median_s:.3f}",
+                f"{max(r.step_times_s, default=0.0):.3f}",
                 f"{r.held_mem_mb:,.0f}",
                 f"{r.activation_mem_mb:,.0f}",
                 f"{r.first_loss:.6f}",
@@ -147,12 +149,13 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
             "Mode",
             "Warm-up (s)",
             "Step median (s)",
+            "Step max (s)",
             "Held (MB)",
             "Activations (MB)",
             "First loss",
             "Loss rel. diff",
         ]
-        lines.append(_markdown(header, detail, right={2, 3, 4, 5, 6, 7}))
+        lines.append(_markdown(header, detail, right={2, 3, 4, 5, 6, 7, 8}))
     lines += ["", loss_verdict(check)]
     return "\n".join(lines)
 
@@ -206,7 +209,7 @@ def write_plot(path: str, results: list[Result], env: Environment) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install 'seqpack[plot]' (or matplotlib)") from e
+        raise SystemExit("--plot needs matplotlib: pip install 'seqpack[bench]' (or matplotlib)") from e
 
     ran = [r for r in results if not r.error]
     models = list(dict.fromkeys(r.model for r in ran))

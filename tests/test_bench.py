@@ -1,0 +1,374 @@
+"""The benchmark command on the CPU with the `tiny` preset: arguments, data, JSON, the loss check.
+
+One three-mode run (module fixture, a few tiny steps) feeds the output tests; the loss-check and
+failure tests add cheap padded-only modes to the registry for their duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from seqpack.bench import cli, data, modes, report, run
+
+TINY_RUN = ["--model", "tiny", "--batch-size", "3", "--max-length", "100", "--steps", "2", "--warmup", "1"]
+RECORD_KEYS = {
+    "model": str,
+    "mode": str,
+    "attn_implementation": str,
+    "steps": int,
+    "warmup_steps": int,
+    "warmup_time_s": float,
+    "time_s": float,
+    "step_time_median_s": float,
+    "tokens_per_s": float,
+    "peak_mem_mb": float,
+    "held_mem_mb": float,
+    "activation_mem_mb": float,
+    "mem_method": str,
+    "real_tokens": int,
+    "padded_tokens": int,
+    "first_loss": float,
+    "losses": list,
+    "loss_rel_diff": float,
+    "loss_mismatch": bool,
+    "speedup": float,
+    "device": str,
+    "device_name": str,
+    "torch_version": str,
+    "transformers_version": str,
+    "seqpack_version": str,
+    "batch_size": int,
+    "dtype": str,
+    "optimizer": str,
+    "loss_tolerance": float,
+    "command": str,
+}
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_defaults_are_the_cpu_main_job():
+    args = cli.parse_args([])
+    assert args.model == ["tiny"]
+    assert args.modes == ["padding", "hf-packing", "seqpack"]
+    assert (args.batch_size, args.optimizer, args.data) == (16, "adamw", "gsm8k")
+    if not torch.cuda.is_available():
+        assert (args.device.type, args.dtype, args.steps, args.warmup) == ("cpu", "fp32", 4, 1)
+
+
+def test_arguments_parse():
+    args = cli.parse_args(
+        [
+            "--model",
+            "llama-3.2-1b,mistral-7b",
+            "--modes",
+            "padding,seqpack",
+            "--batch-size",
+            "8",
+            "--steps",
+            "5",
+        ]
+        + ["--warmup", "0", "--optimizer", "sgd", "--dtype", "bf16", "--device", "cpu", "--strict-loss"]
+        + ["--hf-attn", "eager", "--loss-tol", "0.5", "--json", "x.json", "--max-length", "64"]
+    )
+    assert args.model == ["llama-3.2-1b", "mistral-7b"]
+    assert args.modes == ["padding", "seqpack"]
+    assert (args.batch_size, args.steps, args.warmup, args.optimizer, args.dtype) == (8, 5, 0, "sgd", "bf16")
+    assert (args.hf_attn, args.loss_tol, args.json, args.max_length, args.strict_loss) == (
+        "eager",
+        0.5,
+        "x.json",
+        64,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--modes", "padding,nope"], "unknown ['nope']"),
+        (["--optimizer", "lion"], "invalid choice"),
+        (["--batch-size", "0"], "must be >= 1"),
+        (["--data", "my.jsonl"], "--data needs --tokenizer"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list_names_presets_and_modes(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in [
+        "tiny",
+        "llama-3.2-1b",
+        "llama-2-7b",
+        "mistral-7b",
+        "qwen2.5-0.5b",
+        "qwen2.5-7b",
+        "gemma-2-2b",
+    ]:
+        assert name in out
+    for name in modes.DEFAULT_MODES:
+        assert name in out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_embedded_gsm8k_has_real_lengths_and_ids():
+    d = data.load_default()
+    lengths = [len(e) for e in d.examples]
+    assert (len(lengths), d.vocab_size) == (7473, 32000)
+    assert (min(lengths), max(lengths), sorted(lengths)[len(lengths) // 2]) == (74, 560, 185)
+    assert sum(lengths) / len(lengths) == pytest.approx(198.91, abs=0.01)
+    assert all(e[0] == 1 and e[-1] == 2 for e in d.examples)  # BOS ... EOS
+    assert max(max(e) for e in d.examples) < d.vocab_size
+    # "Question:" opens every example: the same leading ids everywhere.
+    assert len({tuple(e[:3]) for e in d.examples}) == 1
+
+
+def test_batches_are_seeded_and_cut():
+    d = data.load_default()
+    a = data.make_batches(d, batch_size=4, num_batches=3, seed=1)
+    assert a == data.make_batches(d, batch_size=4, num_batches=3, seed=1)
+    assert a != data.make_batches(d, batch_size=4, num_batches=3, seed=2)
+    assert [len(b) for b in a] == [4, 4, 4]
+    cut = data.make_batches(d, batch_size=4, num_batches=3, seed=1, max_length=80)
+    assert all(len(e) <= 80 for b in cut for e in b)
+    assert [[e[:80] for e in b] for b in a] == cut
+
+
+def test_token_file_rejects_garbage():
+    with pytest.raises(ValueError, match="bad magic"):
+        data.decode_token_file(b"not a token file", "x")
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+RECORDS = [
+    {"question": "How many apples are left?", "answer": "Two apples."},
+    {
+        "question": "What is seven times six?",
+        "answer": "It is forty two, because seven sixes make forty two.",
+    },
+    {"question": "Why?", "answer": "Because."},
+]
+
+
+def test_user_jsonl_with_a_sentencepiece_model(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in RECORDS] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=40, minloglevel=2
+    )
+    (tmp_path / "tok.model").write_bytes(model.getvalue())
+    _write_jsonl(tmp_path / "data.jsonl", RECORDS)
+    got = data.load_text_data(
+        str(tmp_path / "data.jsonl"),
+        tokenizer=str(tmp_path / "tok.model"),
+        template="Question: {question}\nAnswer: {answer}",
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    assert got.vocab_size == 40
+    assert got.examples == [[sp.bos_id(), *sp.encode(text)] for text in corpus[:3]]
+
+
+def test_user_jsonl_with_an_autotokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for r in RECORDS for w in r["answer"].split()})
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    _write_jsonl(tmp_path / "data.jsonl", [{"text": r["answer"]} for r in RECORDS])
+    got = data.load_text_data(
+        str(tmp_path / "data.jsonl"), tokenizer=str(tmp_path / "tok"), text_field="text"
+    )
+    assert got.examples == [[vocab[w] for w in r["answer"].split()] for r in RECORDS]
+    assert got.vocab_size == len(vocab)
+    with pytest.raises(SystemExit, match="no field 'body'"):
+        data.load_text_data(str(tmp_path / "data.jsonl"), tokenizer=str(tmp_path / "tok"), text_field="body")
+
+
+@pytest.mark.parametrize("random_init", [True, False], ids=["random-init", "pretrained"])
+def test_a_local_model_on_user_data(tmp_path, random_init):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    words = sorted({w for r in RECORDS for w in r["answer"].split()})
+    backend = Tokenizer(
+        models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path / "model")
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    if random_init:
+        config.save_pretrained(tmp_path / "model")
+    else:
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    _write_jsonl(tmp_path / "data.jsonl", [{"text": r["answer"]} for r in RECORDS])
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "data.jsonl"),
+        "--json",
+        str(tmp_path / "o.json"),
+    ]
+    argv += ["--modes", "padding,hf-packing", "--batch-size", "2", "--steps", "2", "--warmup", "0"]
+    code, out, err = _main(argv + (["--random-init"] if random_init else []))
+    assert code == 0, err
+    records = json.loads((tmp_path / "o.json").read_text())
+    assert [r["mode"] for r in records] == ["padding", "hf-packing"]
+    assert records[0]["first_loss"] == pytest.approx(records[1]["first_loss"], rel=1e-4)
+    assert records[0]["data"] == "data.jsonl (model)"
+
+
+# --------------------------------------------------------------------------- one real run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    code, out, err = _main([*TINY_RUN, "--json", str(path)])
+    return code, out, err, json.loads(path.read_text())
+
+
+def test_run_prints_the_table(tiny_run):
+    code, out, err, _ = tiny_run
+    assert code == 0, err
+    assert "| Model | Data Process" in out
+    assert "| Time (s) | Throughput (token/s) | Memory (MB) | Speed-up |" in out
+    for line in ["padding (sdpa)", "hf-packing (sdpa)", "seqpack ("]:
+        assert line in out
+    assert f"torch {torch.__version__}" in out and "transformers " in out
+    assert "First-step loss agreement" in out and ": OK" in out
+    assert "command: seqpack-bench --model tiny --batch-size 3" in out
+    assert "tiny / seqpack" in err  # the progress report goes to stderr
+
+
+def test_json_has_one_record_per_model_and_mode(tiny_run):
+    _, _, _, records = tiny_run
+    assert [(r["model"], r["mode"]) for r in records] == [("tiny", m) for m in modes.DEFAULT_MODES]
+    for r in records:
+        for key, kind in RECORD_KEYS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["error"] is None
+        assert (r["steps"], r["warmup_steps"], len(r["losses"])) == (2, 1, 3)
+        assert r["first_loss"] == r["losses"][0]
+        assert r["time_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["real_tokens"] / r["time_s"])
+        assert r["peak_mem_mb"] > 0 and r["held_mem_mb"] > 0
+        assert r["activation_mem_mb"] == pytest.approx(r["peak_mem_mb"] - r["held_mem_mb"])
+    # Same batches for every mode, and they hold padding.
+    assert len({(r["real_tokens"], r["padded_tokens"]) for r in records}) == 1
+    assert records[0]["real_tokens"] < records[0]["padded_tokens"]
+    assert records[0]["speedup"] == 1.0
+
+
+def test_every_mode_starts_from_the_same_loss(tiny_run):
+    _, _, _, records = tiny_run
+    first = [r["first_loss"] for r in records]
+    assert math.log(32000) * 0.9 < first[0] < math.log(32000) * 1.1  # random init: about ln(vocab)
+    for r in records:
+        assert r["loss_rel_diff"] <= 1e-4 and not r["loss_mismatch"]
+        torch.testing.assert_close(r["first_loss"], first[0], rtol=1e-4, atol=0)
+
+
+# --------------------------------------------------------------------------- the loss check
+
+
+def _skew(model, options):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # a "speed-up" that changes the function
+    return model
+
+
+def _broken(model, options):
+    raise RuntimeError("this mode cannot run")
+
+
+@pytest.fixture
+def extra_modes(monkeypatch):
+    padding = modes.MODES["padding"]
+    for name, prepare in [("skewed", _skew), ("broken", _broken)]:
+        monkeypatch.setitem(
+            modes.MODES,
+            name,
+            modes.Mode(name, "test", padding.attn_implementation, padding.collate, prepare=prepare),
+        )
+
+
+CHEAP = ["--batch-size", "2", "--max-length", "16", "--steps", "1", "--warmup", "0"]
+
+
+def test_a_mode_that_changes_the_loss_is_flagged(extra_modes, tmp_path):
+    path = tmp_path / "out.json"
+    code, out, err = _main([*CHEAP, "--modes", "padding,skewed", "--json", str(path)])
+    assert code == 0
+    assert "WARNING: first-step losses disagree across modes: tiny/skewed" in err
+    assert ": MISMATCH" in out
+    by_mode = {r["mode"]: r for r in json.loads(path.read_text())}
+    assert by_mode["skewed"]["loss_mismatch"] and not by_mode["padding"]["loss_mismatch"]
+    assert by_mode["skewed"]["loss_rel_diff"] > 1e-2
+
+    code, _, _ = _main([*CHEAP, "--modes", "padding,skewed", "--strict-loss"])
+    assert code == cli.EXIT_LOSS_MISMATCH
+
+
+def test_a_failing_mode_is_reported_and_the_others_run(extra_modes, tmp_path):
+    path = tmp_path / "out.json"
+    code, out, err = _main([*CHEAP, "--modes", "broken,padding", "--json", str(path)])
+    assert code == cli.EXIT_MODE_FAILED
+    assert "RuntimeError: this mode cannot run" in out and "RuntimeError: this mode cannot run" in err
+    broken, padding = json.loads(path.read_text())
+    assert broken["error"] == "RuntimeError: this mode cannot run" and broken["first_loss"] is None
+    assert padding["error"] is None and padding["tokens_per_s"] > 0
+
+
+def test_loss_check_tolerance_and_non_finite():
+    def result(mode, loss):
+        return run.Result("m", mode, first_loss=loss)
+
+    check = run.check_first_losses(
+        [result("padding", 2.0), result("a", 2.0001), result("b", 2.1)], tolerance=1e-3
+    )
+    assert check.mismatched == [("m", "b")]
+    assert check.max_rel_diff == pytest.approx(0.05)
+    check = run.check_first_losses([result("padding", 2.0), result("a", math.nan)], tolerance=1e-3)
+    assert check.mismatched == [("m", "a")] and not check.ok
+    # The reference is 'padding' wherever it sits in the list.
+    check = run.check_first_losses([result("a", 2.2), result("padding", 2.0)], tolerance=1e-3)
+    assert check.mismatched == [("m", "a")]
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    env = report.environment(torch.device("cpu"))
+    with pytest.raises(SystemExit, match="pip install"):
+        report.write_plot("x.png", [], env)
