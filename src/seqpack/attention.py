@@ -119,7 +119,11 @@ _LOGGED: set[str] = set()
 def _reference_attention(
     module, query, key, value, cu_seqlens, max_seqlen, *, scaling, dropout, sliding_window, **kwargs
 ):
-    """The model's own eager attention over a block-diagonal causal mask.
+    """The model's own eager attention, each packed sequence seeing only itself.
+
+    Eager on the CPU it runs sequence by sequence (cost: the sum of n^2, not T^2); under
+    torch.compile or on a GPU (where it is only a fallback) it runs once over a block-diagonal mask,
+    which needs no host sync and no data-dependent loop.
 
     Args:
         query: (1, Hq, T, D); key, value: (1, Hkv, T, D), as the attention layer gave them.
@@ -127,14 +131,32 @@ def _reference_attention(
     Returns:
         (1, T, Hq, D), like every transformers attention function.
     """
+    extra = dict(scaling=scaling, dropout=dropout, sliding_window=sliding_window, **kwargs)
+    if query.device.type == "cpu" and not torch.compiler.is_compiling():
+        bounds = cu_seqlens.tolist()
+        outs = [
+            _masked_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **extra)
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+            if e > s
+        ]
+        if not outs:
+            return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        return torch.cat(outs, dim=1)
+    return _masked_attention(module, query, key, value, cu_seqlens, **extra)
+
+
+def _masked_attention(module, query, key, value, cu_seqlens, *, scaling, dropout, sliding_window, **kwargs):
+    """Eager attention over (1, H, n, D) with a causal mask, block-diagonal when cu_seqlens is given."""
     total = query.shape[2]
     device = query.device
-    # No slice of cu_seqlens here: a (B,) slice would make compiled code specialise on B == 1.
-    seq_id = torch.searchsorted(cu_seqlens.long(), torch.arange(total, device=device), right=True)  # (T,)
     pos = torch.arange(total, device=device)
-    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])  # (T, T)
+    allowed = pos[None, :] <= pos[:, None]  # (n, n)
+    if cu_seqlens is not None:
+        # No slice of cu_seqlens here: a (B,) slice would make compiled code specialise on B == 1.
+        seq_id = torch.searchsorted(cu_seqlens.long(), pos, right=True)  # (n,)
+        allowed = allowed & (seq_id[:, None] == seq_id[None, :])
     if sliding_window:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
+        allowed = allowed & (pos[:, None] - pos[None, :] < sliding_window)
     eager = _eager_function(module)
     if eager is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -148,7 +170,7 @@ def _reference_attention(
         )
         return out
     mask = torch.zeros(total, total, dtype=query.dtype, device=device)
-    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]  # (1, 1, T, T)
+    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]  # (1, 1, n, n)
     out, _ = eager(
         module,
         query,

@@ -384,10 +384,13 @@ def patch(
     # packing. A causal LM's own forward is wrapped too, so its LM head and loss run on real tokens
     # only, unless a framework already replaced it on the instance: then that forward is left to
     # call the backbone with the padded batch it expects.
-    base = _base_model(target)
-    _wrap(base, record, head=False)
-    if base is not target and _is_causal_lm(target) and "forward" not in target.__dict__:
-        _wrap(target, record, head=True)
+    base, causal_lm = _base_model(target), _is_causal_lm(target)
+    if base is target:  # no separate backbone module (or the bare base model itself)
+        _wrap(target, record, head=causal_lm)
+    else:
+        _wrap(base, record, head=False)
+        if causal_lm and "forward" not in target.__dict__:
+            _wrap(target, record, head=True)
     setattr(target, _RECORD, record)
     return model
 
