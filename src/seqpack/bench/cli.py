@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention for hf-packing (default: flash_attention_3/2 > flex_attention on GPU > sdpa)",
     )
     what.add_argument("--seqpack-backend", default="auto", help="seqpack.patch(backend=...) (default: auto)")
+    what.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        help="seqpack.patch(memory_budget=...) in [0, 1] for the compiled seqpack mode: recompute "
+        "activations instead of storing them (default: torch's, 1.0)",
+    )
+    what.add_argument(
+        "--explain",
+        action="store_true",
+        help="log torch.compile graph breaks and recompiles, and count them per mode after the table",
+    )
     what.add_argument("--list", action="store_true", help="list presets and modes, then exit")
 
     data = p.add_argument_group("data")
@@ -195,6 +207,17 @@ def _list() -> str:
     return "\n".join(lines)
 
 
+def _compile_summary(model: str, mode: str) -> str:
+    """Graphs, recompiles and graph breaks dynamo counted during one mode's run."""
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"].get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    reasons = "; ".join(f"{reason} (x{n})" for reason, n in counters["graph_break"].most_common(3))
+    recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    line = f"  {model} / {mode}: {graphs} graphs, {breaks} graph breaks, {recompiles} recompiles"
+    return line + (f": {reasons}" if reasons else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -222,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         random_init=args.random_init,
         hf_attn=args.hf_attn,
         seqpack_backend=args.seqpack_backend,
+        memory_budget=args.memory_budget,
     )
+    if args.explain:
+        torch._logging.set_logs(graph_breaks=True, recompiles=True)
     results = []
+    explained = []
     for model in args.model:
         model_vocab = vocab_size(model)
         model_batches = batches
@@ -235,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             model_batches = data_lib.fold_vocab(batches, model_vocab)
         for mode in args.modes:
+            if args.explain:
+                torch._dynamo.utils.counters.clear()
             results.append(run_mode(model, mode, model_batches, cfg))
+            if args.explain:
+                explained.append(_compile_summary(model, mode))
 
     check = check_first_losses(results, tolerance)
     set_speedups(results)
@@ -256,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if not check.ok:
         warn_mismatch(check)
     print(format_report(results, check, env, run), flush=True)
+    if explained:
+        print("\ntorch.compile per mode (graphs after warm-up and timed steps):")
+        print("\n".join(explained))
     if args.json:
         write_json(args.json, results, env, run)
     if args.plot:

@@ -26,6 +26,7 @@ class ModeOptions(NamedTuple):
     device: torch.device
     hf_attn: str | None = None
     seqpack_backend: str = "auto"
+    memory_budget: float | None = None  # seqpack.patch(memory_budget=...) for the compiled modes
 
 
 Batch = list[list[int]]
@@ -138,7 +139,10 @@ def _patcher(**patch_kwargs) -> Callable[[torch.nn.Module, ModeOptions], torch.n
     def prepare(model: torch.nn.Module, options: ModeOptions) -> torch.nn.Module:
         from seqpack import patch
 
-        patched = patch(model, backend=options.seqpack_backend, **patch_kwargs)
+        kwargs = dict(patch_kwargs)
+        if kwargs.get("compile", True) and options.memory_budget is not None:
+            kwargs["memory_budget"] = options.memory_budget
+        patched = patch(model, backend=options.seqpack_backend, **kwargs)
         return patched if isinstance(patched, torch.nn.Module) else model
 
     return prepare

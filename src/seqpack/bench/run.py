@@ -57,6 +57,7 @@ class BenchConfig:
     random_init: bool = False
     hf_attn: str | None = None
     seqpack_backend: str = "auto"
+    memory_budget: float | None = None
 
 
 @dataclass
@@ -256,7 +257,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         the Result; on failure (out of memory included) with ``error`` set, never raising.
     """
     mode = MODES[mode_name]
-    options = ModeOptions(cfg.device, cfg.hf_attn, cfg.seqpack_backend)
+    options = ModeOptions(cfg.device, cfg.hf_attn, cfg.seqpack_backend, cfg.memory_budget)
     result = Result(model_name, mode_name, steps=len(batches) - cfg.warmup, warmup_steps=cfg.warmup)
     result.real_tokens, result.padded_tokens = _token_counts(batches[cfg.warmup :])
     cuda = cfg.device.type == "cuda"
