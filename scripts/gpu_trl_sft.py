@@ -197,7 +197,7 @@ def run_mode(mode: str, examples: list[list[int]], args) -> dict:
 
     dataset = Dataset.from_list([{"input_ids": ids} for ids in examples])
     clock = StepClock()
-    if mode == "seqpack" and args.patch_first:
+    if mode == "seqpack" and not args.patch_after:
         patch(model, **_patch_options(patch, args, keep_logits=False))
     trainer = SFTTrainer(
         model=model,
@@ -206,10 +206,10 @@ def run_mode(mode: str, examples: list[list[int]], args) -> dict:
         processing_class=special_tokens_only(),
         callbacks=[clock],
     )
-    if mode == "seqpack" and not args.patch_first:
-        # After the trainer: TRL swaps in its fused LM head at construction, and the patch must wrap
-        # it; seqpack's own fused loss would replace that head, so the logits path stays (keep_logits).
-        patch(trainer.model, **_patch_options(patch, args, keep_logits=True))
+    if mode == "seqpack" and args.patch_after:
+        # After the trainer: TRL has swapped in its fused LM head, which seqpack leaves in place and
+        # feeds through the packed backbone.
+        patch(trainer.model, **_patch_options(patch, args, keep_logits=False))
 
     # A packed batch reaches the embeddings as one (1, T) row; a padded one as (B, L).
     shapes = []
@@ -317,9 +317,9 @@ def main():
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off here")
     parser.add_argument("--no-compile", action="store_true", help="seqpack mode without torch.compile")
     parser.add_argument(
-        "--patch-first",
+        "--patch-after",
         action="store_true",
-        help="patch the model before building the trainer (default: after)",
+        help="patch trainer.model after building the trainer (default: patch the model first)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/gpu_trl_sft")
