@@ -372,3 +372,20 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
     env = report.environment(torch.device("cpu"))
     with pytest.raises(SystemExit, match="pip install"):
         report.write_plot("x.png", [], env)
+
+
+def test_memory_budget_reaches_patch_and_explain_counts_graphs(monkeypatch):
+    seen = {}
+    import seqpack
+
+    real_patch = seqpack.patch
+
+    def spy(model, **kwargs):
+        seen.update(kwargs)
+        return real_patch(model, **{**kwargs, "compile": False, "memory_budget": None})
+
+    monkeypatch.setattr(seqpack, "patch", spy)
+    code, out, _ = _main([*TINY_RUN, "--modes", "seqpack", "--memory-budget", "0.5", "--explain"])
+    assert code == 0
+    assert seen["memory_budget"] == 0.5
+    assert "torch.compile per mode" in out and "tiny / seqpack:" in out and "graph breaks" in out

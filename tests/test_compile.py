@@ -52,6 +52,7 @@ def test_compiled_matches_eager_and_unpatched():
 def test_one_graph_for_every_batch_shape(monkeypatch):
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     torch._dynamo.reset()
+    counters.clear()  # earlier tests in this process compiled too
     model = patch(tiny_llama(), compile=True)
     rng = random.Random(0)
 
