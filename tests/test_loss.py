@@ -84,3 +84,38 @@ def test_softcapped_head_keeps_the_models_own_loss():
     out = patched(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits is not None
     assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_kernel_is_used_when_installed(monkeypatch):
+    """A CPU stand-in for liger-kernel's fused linear cross-entropy: the arguments it gets."""
+    import sys
+    import types
+
+    calls = []
+
+    def liger_fused_linear_cross_entropy(
+        input, weight, target, bias=None, ignore_index=-100, reduction="mean"
+    ):
+        calls.append(dict(shape=tuple(input.shape), ignore_index=ignore_index, reduction=reduction))
+        logits = torch.nn.functional.linear(input, weight, bias).float()
+        return torch.nn.functional.cross_entropy(
+            logits, target, ignore_index=ignore_index, reduction=reduction
+        )
+
+    liger_fused_linear_cross_entropy._seqpack_stand_in = True
+    functional = types.SimpleNamespace(liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(
+        sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")
+    )
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    seqloss._liger_loss.cache_clear()
+    try:
+        hidden, weight = torch.randn(6, 8), torch.randn(11, 8)
+        targets = torch.tensor([1, 2, -100, 4, 5, 10])
+        got = seqloss.linear_cross_entropy(hidden, weight, targets, num_items_in_batch=4)
+    finally:
+        seqloss._liger_loss.cache_clear()
+    assert calls == [dict(shape=(6, 8), ignore_index=-100, reduction="sum")]
+    want = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") / 4
+    assert_close(got, want)

@@ -178,9 +178,10 @@ def linear_cross_entropy(
         >>> torch.allclose(linear_cross_entropy(h, w, t), ref)
         True
     """
-    liger = _liger_loss() if hidden.is_cuda else None
-    if liger is not None:
-        total = liger(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction="sum").float()
+    liger = _liger_loss()
+    if liger is not None and (hidden.is_cuda or getattr(liger, "_seqpack_stand_in", False)):
+        total = liger(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction="sum")
+        total = (total[0] if isinstance(total, tuple) else total).float()  # some versions add a z-loss
     else:
         total = _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index)
     if num_items_in_batch is None:

@@ -1,15 +1,19 @@
 """patch() / unpatch(): what is wrapped, recorded and restored.
 
 ``patch(model)`` changes one instance and nothing else:
-- its forward (the top-level forward for a causal LM, so the LM head and the loss run on real
-  tokens only; the base model's forward for any other head) is wrapped: padded inputs are packed
-  into one (1, T) sequence, the original forward runs on it with the packing metadata as kwargs,
-  and outputs are unpacked back to the padded layout;
-- the configs of its decoder name the ``"seqpack"`` attention function.
-Both are recorded on the instance and undone by ``unpatch``. State-dict keys never change.
+- its backbone's forward is wrapped: padded inputs are packed into one (1, T) sequence, the
+  original forward runs on it with the packing metadata as kwargs (which transformers' modeling
+  code hands on to every attention call), and outputs are unpacked back to the padded layout.
+  Whoever calls the backbone (a classification head, TRL's fused LM head) gets packing;
+- a causal LM's own forward is wrapped as well, so its LM head and loss run on the packed real
+  tokens only (a pre-packed call then passes through the backbone's wrapper untouched);
+- the model gets config objects of its own, which name the ``"seqpack"`` attention function;
+  each attention module gets its ``LayerPlan``; decoder layers are compiled in place.
+Everything is recorded on the instance and undone by ``unpatch``. State-dict keys never change.
 
-Whether a model can be packed exactly is decided by looking at it (config, modules, forward
-signatures); ``_EXCEPTIONS`` holds the few types that pass those checks and are still wrong.
+Whether a model can be packed exactly is decided by looking at it (config, layer types, modules,
+forward signatures and call sites); ``_EXCEPTIONS`` holds the few types that pass those checks and
+are still wrong, each found by tests/test_sweep.py.
 """
 
 from __future__ import annotations
