@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--mode", default="seqpack", choices=["seqpack", "padding", "hf-packing"])
     parser.add_argument("--trace")
+    parser.add_argument("--dynamic", choices=["all", "auto"], default="all", help="seqpack.compile.DYNAMIC")
+    parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
 
     device = torch.device("cuda")
@@ -45,6 +47,9 @@ def main() -> None:
         device=device, seed=0, random_init=False,
     )  # fmt: skip
     if args.mode == "seqpack":
+        from seqpack import compile as compiling
+
+        compiling.DYNAMIC = True if args.dynamic == "all" else None
         patch(model, compile=not args.no_compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     data = data_lib.load_default()
@@ -58,7 +63,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for x in inputs[:3]:
+    for x in inputs[:3]:  # warm-up: differently sized batches, so automatic dynamic shapes settle
         step(x)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -74,15 +79,18 @@ def main() -> None:
         name = e.key.lower()
         family = next((f for f, pattern in FAMILIES if re.search(pattern, name)), "other")
         families[family] += e.self_device_time_total
-    print(f"{args.model} {args.mode} compile={not args.no_compile} batch {args.batch_size}: "
+    print(f"{args.model} {args.mode} compile={not args.no_compile} dynamic={args.dynamic} batch {args.batch_size}: "
           f"{wall * 1e3:.1f} ms/step wall, {total / 1e3 / args.steps:.1f} ms/step GPU busy")  # fmt: skip
     for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {family:22s} {t / 1e3 / args.steps:8.2f} ms/step  {100 * t / total:5.1f}%")
     print("top kernels (ms/step):")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         print(
             f"  {e.self_device_time_total / 1e3 / args.steps:8.2f}  x{e.count // args.steps:<5d} {e.key[:110]}"
         )
+    from torch._dynamo.utils import counters
+
+    print(f"compiled graphs in this process: {counters['stats'].get('unique_graphs', 0)}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

@@ -14,6 +14,9 @@ from torch import nn
 
 # The torch.compile backend for the layers; tests swap in "aot_eager" to count graphs quickly.
 BACKEND = "inductor"
+# True: every dimension symbolic from the first call. None: torch's automatic dynamic shapes (a
+# static graph first, then one with only the dimensions that changed made dynamic).
+DYNAMIC: bool | None = True
 
 
 def compile_layers(layers: nn.ModuleList) -> list[nn.Module]:
@@ -27,7 +30,7 @@ def compile_layers(layers: nn.ModuleList) -> list[nn.Module]:
     """
     compiled = []
     for layer in layers:
-        layer.compile(backend=BACKEND, dynamic=True)
+        layer.compile(backend=BACKEND, dynamic=DYNAMIC)
         compiled.append(layer)
     return compiled
 
