@@ -8,6 +8,7 @@ wrapping the same modules, and ``unpatch`` just drops the compiled call.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -33,6 +34,16 @@ def compile_layers(layers: nn.ModuleList) -> list[nn.Module]:
         layer.compile(backend=BACKEND, dynamic=DYNAMIC)
         compiled.append(layer)
     return compiled
+
+
+@functools.cache
+def loss_chunk(fn):
+    """``fn`` (the fused loss's per-chunk softmax and gradient) compiled for CUDA, once.
+
+    ``dynamic=True``: the last chunk of every batch is shorter; one graph serves every length.
+    ``fullgraph=True``: the function is pure tensor code, so a break would be a bug.
+    """
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def uncompile(layers: list[nn.Module]) -> None:

@@ -15,6 +15,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from . import compile as compiling
 from .packing import IGNORE_INDEX, VarlenMetadata
 
 
@@ -77,6 +78,45 @@ def _chunk_size(vocab: int) -> int:
     return max(256, (1 << 28) // vocab)
 
 
+def _chunk_eager(logits, targets, ignore_index: int, need_grad: bool):
+    """Summed loss and d loss / d logits of one chunk, in place over an fp32 copy (the CPU path).
+
+    Args:
+        logits: (c, V) in the matmul dtype; targets: (c,) int64.
+    Returns:
+        (() fp32 summed loss, (c, V) gradient in the logits' dtype or None).
+    """
+    x = logits.float()  # the same tensor when already fp32: it is not read again by the caller
+    lse = torch.logsumexp(x, dim=-1)  # (c,)
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    if not need_grad:
+        return loss, None
+    grad = x.sub_(lse[:, None]).exp_()  # softmax, in place
+    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+    return loss, grad.mul_(valid[:, None]).to(logits.dtype)
+
+
+def _chunk_fusable(logits, targets, ignore_index: int):
+    """The same as ``_chunk_eager``, written for inductor (the CUDA path, compiled).
+
+    No in-place ops and no scatter: compiled, it is one reduction over each row (the log-sum-exp)
+    and one pass that reads the logits in their own dtype and writes the gradient in it, instead of
+    an fp32 copy and five full passes over it (7 of the 62 ms of a llama-3.2-1b step, profiled).
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)  # (c,)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - picked, 0.0).sum()
+    cols = torch.arange(x.shape[1], device=x.device)
+    grad = torch.exp(x - lse[:, None]) - (cols[None, :] == safe[:, None]).float()
+    return loss, torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias`` without the (N, V) logits.
 
@@ -99,16 +139,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, step):
             h = hidden[start : start + step]  # (c, H)
             t = targets[start : start + step]  # (c,)
-            logits = torch.nn.functional.linear(h, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            valid = t != ignore_index
-            safe = t.masked_fill(~valid, 0)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            loss = loss + ((lse - picked) * valid).sum()
-            if needs_h or needs_w or needs_b:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
-                grad = grad.mul_(valid[:, None]).to(hidden.dtype)  # (c, V)
+            logits = torch.nn.functional.linear(h, weight, bias)  # (c, V), the weights' dtype
+            need_grad = needs_h or needs_w or needs_b
+            if logits.is_cuda and need_grad:
+                chunk_loss, grad = compiling.loss_chunk(_chunk_fusable)(logits, t, ignore_index)
+            else:
+                chunk_loss, grad = _chunk_eager(logits, t, ignore_index, need_grad)
+            loss = loss + chunk_loss
+            if need_grad:
                 if needs_h:
                     grad_hidden[start : start + step] = grad @ weight
                 if needs_w:
