@@ -344,3 +344,20 @@ def test_patching_one_model_leaves_a_model_sharing_its_config_alone():
     assert_close(other(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
     unpatch(patched)
     assert patched.config is other.config
+
+
+def test_unpatch_keeps_a_forward_installed_after_patch():
+    """A framework that wraps model.forward after patch() (TRL's fused head, Accelerate's autocast)
+    keeps working after unpatch(), and the model then runs unpacked."""
+    model = patch(tiny_llama(), **EAGER)
+    inner = model.forward
+    model.forward = lambda *args, **kwargs: inner(*args, **kwargs)  # someone else's wrapper
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    packed = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    unpatch(model)
+    unpacked = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert seen == [(1, sum(LENGTHS)), (len(LENGTHS), L)]
+    assert_close(packed, unpacked, rtol=1e-5, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
