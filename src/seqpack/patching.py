@@ -323,8 +323,9 @@ def patch(
             or ``"reference"``. A named backend that is not available raises ImportError with a hint.
         compile: compile each decoder layer in place (one graph for every batch shape).
         keep_logits: a causal LM in training with labels computes its loss without materialising
-            the (tokens x vocab) logits and returns ``logits=None``; pass True when the training
-            framework reads the logits anyway (TRL's token accuracy, DPO log-probs).
+            the (tokens x vocab) logits and returns ``logits=None`` (when its head is a plain
+            linear layer); pass True when your training code reads the logits anyway, e.g. a
+            token-accuracy metric of your own. TRL >= 1.0 computes its metrics without them.
         memory_budget: activation-memory budget in [0, 1] for the compiled layers (recompute
             instead of store below 1.0); None leaves torch's default. Needs ``compile=True``.
         strict: raise ``UnsupportedModelError`` for a model that cannot be packed exactly;
