@@ -361,3 +361,18 @@ def test_unpatch_keeps_a_forward_installed_after_patch():
     assert seen == [(1, sum(LENGTHS)), (len(LENGTHS), L)]
     assert_close(packed, unpacked, rtol=1e-5, atol=1e-6)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_dropout_runs_in_training_and_not_in_eval():
+    """The reference path applies the model's own attention dropout in training only."""
+    reference = tiny_llama(attention_dropout=0.5)
+    patched = patch(tiny_llama(attention_dropout=0.5), **EAGER)
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    real = mask.bool()
+    first = patched(input_ids=ids, attention_mask=mask).logits
+    second = patched(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(first[real], second[real])  # dropout is on
+    with torch.no_grad():
+        out = patched.eval()(input_ids=ids, attention_mask=mask).logits
+        ref = reference.eval()(input_ids=ids, attention_mask=mask).logits
+    assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)

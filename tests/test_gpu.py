@@ -69,18 +69,21 @@ def _err(x, ref):
 @pytest.mark.parametrize("model_type", list(MODELS))
 @pytest.mark.parametrize("backend", ["torch", "flash_attn", "fa3", "reference"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_bf16_parity(model_type, backend, compiled):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_parity(model_type, backend, compiled, dtype):
     if compiled and (backend != "torch" or model_type not in ("llama", "mistral")):
         pytest.skip("compiled layers are checked on the default backend and two architectures")
+    if dtype == torch.float16 and (compiled or model_type not in ("llama", "mistral")):
+        pytest.skip("fp16 is checked eager on two architectures")
     if backend not in attention.available_backends():
         pytest.skip(f"backend {backend} not available here")
     fp32 = _build(model_type, MODELS[model_type])
     ids, mask, labels = _batch(fp32.config.vocab_size)
     ref_logits, ref_loss, ref_grad = _run(fp32, ids, mask, labels)
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16 = copy.deepcopy(fp32).to(dtype)
     base_logits, base_loss, base_grad = _run(bf16, ids, mask, labels)
     patched = patch(
-        copy.deepcopy(fp32).to(torch.bfloat16), backend=backend, compile=compiled, keep_logits=True
+        copy.deepcopy(fp32).to(dtype), backend=backend, compile=compiled, keep_logits=True
     )
     logits, loss, grad = _run(patched, ids, mask, labels)
     report = {
