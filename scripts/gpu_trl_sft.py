@@ -22,6 +22,12 @@ TRL imports `datasets`, `pyarrow` and `pandas` when it loads, and a GPU machine 
 may lack them (pyarrow alone is a 55 MB wheel). This script gives SFTTrainer tokenised examples
 and skips TRL's dataset preparation, so none of the three ever runs: a missing one is replaced by
 an empty stand-in module before TRL is imported.
+
+On a GPU machine without network, bring trl (and sentencepiece for --tokenizer) as wheels:
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl trl==1.16.0 sentencepiece
+    # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:src
 """
 
 from __future__ import annotations
