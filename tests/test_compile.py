@@ -77,3 +77,35 @@ def test_memory_budget_needs_compile_and_a_fraction():
     ids, mask, labels = padded_batch([3, 4], 4)
     with pytest.raises(ValueError, match=r"memory_budget must be in \[0, 1\]"):
         model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("wrapper", ["gradient_checkpointing", "peft_lora"])
+def test_compiled_layers_with_checkpointing_and_peft(monkeypatch, wrapper):
+    """Compiled in place, the layers still run under gradient checkpointing and inside PEFT."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")  # the capture is what is tested here
+    torch._dynamo.reset()
+    counters.clear()
+    reference, patched = tiny_llama(), tiny_llama()
+    if wrapper == "gradient_checkpointing":
+        for model in (reference, patched):
+            model.gradient_checkpointing_enable()
+    else:
+        peft = pytest.importorskip("peft")
+        reference = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        patched = peft.get_peft_model(patched, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        patched.load_state_dict(reference.state_dict())
+    keys = list(patched.state_dict())
+    patch(patched, compile=True)
+    assert list(patched.state_dict()) == keys
+    batches = [padded_batch(lens, max(lens), seed=i) for i, lens in enumerate([[5, 3, 9], [7, 2]])]
+    for ids, mask, labels in batches:
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+        ref.loss.backward()
+        out.loss.backward()
+        assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref_grads, new_grads = grads(reference), grads(patched)
+    assert ref_grads.keys() == new_grads.keys() and ref_grads
+    for name in ref_grads:
+        assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers did run compiled
