@@ -376,3 +376,14 @@ def test_attention_dropout_runs_in_training_and_not_in_eval():
         out = patched.eval()(input_ids=ids, attention_mask=mask).logits
         ref = reference.eval()(input_ids=ids, attention_mask=mask).logits
     assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)
+
+
+def test_prepacked_metadata_follows_transformers_rule():
+    """A sequence starts wherever positions do not step by one; missing pieces are derived."""
+    from seqpack.packing import metadata_from_packed
+
+    cpu = torch.device("cpu")
+    meta = metadata_from_packed(7, cpu, position_ids=torch.tensor([[5, 6, 7, 0, 1, 0, 0]]))
+    assert meta.cu_seqlens.tolist() == [0, 3, 5, 6, 7] and meta.max_seqlen == 3
+    meta = metadata_from_packed(5, cpu, cu_seqlens=torch.tensor([0, 3, 5]))
+    assert meta.position_ids.tolist() == [[0, 1, 2, 0, 1]] and meta.cu_seqlens.dtype == torch.int32

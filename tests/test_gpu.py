@@ -82,9 +82,7 @@ def test_half_precision_parity(model_type, backend, compiled, dtype):
     ref_logits, ref_loss, ref_grad = _run(fp32, ids, mask, labels)
     bf16 = copy.deepcopy(fp32).to(dtype)
     base_logits, base_loss, base_grad = _run(bf16, ids, mask, labels)
-    patched = patch(
-        copy.deepcopy(fp32).to(dtype), backend=backend, compile=compiled, keep_logits=True
-    )
+    patched = patch(copy.deepcopy(fp32).to(dtype), backend=backend, compile=compiled, keep_logits=True)
     logits, loss, grad = _run(patched, ids, mask, labels)
     report = {
         "logits": (_err(logits, ref_logits), _err(base_logits, ref_logits)),

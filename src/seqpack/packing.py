@@ -51,6 +51,13 @@ def _nonzero(mask_flat: torch.Tensor, size: int) -> torch.Tensor:
     return mask_flat.nonzero().squeeze(-1)
 
 
+def _restarting_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64 positions that restart at 0 at every sequence start of ``cu_seqlens``."""
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = cu_seqlens[:-1].long().repeat_interleave(seqlens, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
 def metadata_from_mask(
     attention_mask: torch.Tensor | None,
     batch_size: int,
@@ -103,29 +110,49 @@ def metadata_from_mask(
     indices = _nonzero(mask.flatten(), total)  # (T,)
     cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
     if position_ids is None:
-        starts = cu_seqlens[:-1].long().repeat_interleave(seqlens.long(), output_size=total)
-        packed_pos = torch.arange(total, device=device) - starts  # (T,)
+        packed_pos = _restarting_positions(cu_seqlens, total)  # (T,)
     else:
         packed_pos = position_ids.expand(batch_size, seq_len).reshape(-1)[indices]
     return VarlenMetadata(indices, cu_seqlens, max_seqlen, packed_pos.unsqueeze(0), batch_size, seq_len)
 
 
-def metadata_from_position_ids(position_ids: torch.Tensor) -> VarlenMetadata:
-    """Read the sequences of an already packed (1, T) batch from positions restarting at 0.
+def metadata_from_packed(
+    total: int,
+    device: torch.device,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> VarlenMetadata:
+    """Read the sequences of an already packed (1, T) batch.
 
-    This is the format of transformers' DataCollatorWithFlattening and TRL's padding-free collator.
+    This is the format of transformers' DataCollatorWithFlattening and TRL's padding-free collator:
+    ``position_ids`` restarting per sequence, and optionally the flash kwargs (``cu_seqlens``,
+    ``max_seqlen``), which are used as given. Whatever is missing is derived from the rest.
 
     Args:
-        position_ids: (1, T) int, 0 at the first token of each sequence.
+        total: T.
+        position_ids: (1, T) int; a sequence starts wherever positions do not step by one
+            (transformers' own rule, so both read the same sequences).
+        cu_seqlens: (N + 1,) int.
+        max_seqlen: int.
+
+    Example:
+        >>> m = metadata_from_packed(5, torch.device("cpu"), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+        >>> m.cu_seqlens.tolist(), m.max_seqlen
+        ([0, 3, 5], 3)
     """
-    pos = position_ids.reshape(-1)
-    total = pos.shape[0]
-    starts = (pos == 0).nonzero().squeeze(-1).to(torch.int32)  # host sync
-    if starts.numel() == 0 or int(starts[0]) != 0:
-        starts = F.pad(starts, (1, 0))
-    cu_seqlens = torch.cat([starts, starts.new_tensor([total])])
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return VarlenMetadata(None, cu_seqlens, max_seqlen, position_ids.reshape(1, -1), 1, total)
+    if cu_seqlens is None:
+        pos = position_ids.reshape(-1)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[1:] = pos[1:] - pos[:-1] != 1
+        cu_seqlens = torch.cat([starts.nonzero().flatten(), pos.new_tensor([total])])  # host sync
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if position_ids is None:
+        position_ids = _restarting_positions(cu_seqlens, total)
+    return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids.reshape(1, -1), 1, total)
 
 
 def pack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:

@@ -40,6 +40,7 @@ from .packing import (
     IGNORE_INDEX,
     VarlenMetadata,
     metadata_from_mask,
+    metadata_from_packed,
     pack,
     unpack,
 )
@@ -558,29 +559,12 @@ def _metadata(inputs: dict, batch: int, length: int, device: torch.device) -> Va
     cu_seqlens = inputs.get("cu_seq_lens_q")
     prepacked = batch == 1 and position_ids is not None and (mask is None or bool(mask.all()))
     if cu_seqlens is not None or prepacked:
-        if cu_seqlens is None:
-            # Sequences start where positions do not step by one (transformers' own rule).
-            pos = position_ids.reshape(-1)
-            starts = torch.ones_like(pos, dtype=torch.bool)
-            starts[1:] = pos[1:] - pos[:-1] != 1
-            cu_seqlens = torch.cat([starts.nonzero().flatten(), pos.new_tensor([pos.numel()])]).to(
-                torch.int32
-            )
-        max_seqlen = inputs.get("max_length_q")
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if position_ids is None:
-            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            position_ids = torch.arange(length, device=device) - cu_seqlens[:-1].long().repeat_interleave(
-                seqlens
-            )
-        return VarlenMetadata(
-            None,
-            cu_seqlens.to(device=device, dtype=torch.int32),
-            int(max_seqlen),
-            position_ids.reshape(1, -1),
-            1,
+        return metadata_from_packed(
             length,
+            device,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=inputs.get("max_length_q"),
         )
     return metadata_from_mask(mask, batch, length, device, position_ids)
 
