@@ -115,9 +115,6 @@ def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | No
     return None
 
 
-_SOURCE_CACHE: dict[type, bool] = {}
-
-
 def _source(fn) -> str:
     try:
         return textwrap.dedent(inspect.getsource(fn))
@@ -174,14 +171,12 @@ def _drops_kwargs(base: nn.Module, layers: nn.ModuleList) -> str | None:
 
 
 def _uses_attention_interface(module: nn.Module) -> bool:
-    cls = type(module)
-    if cls not in _SOURCE_CACHE:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _SOURCE_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in source
-    return _SOURCE_CACHE[cls]
+    return _calls_attention_interface(type(module))
+
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    return "ALL_ATTENTION_FUNCTIONS" in _source(cls.forward)
 
 
 def _takes_var_kwargs(fn) -> bool:
@@ -370,12 +365,13 @@ def patch(
         memory_budget=memory_budget,
     )
     record.config_owners = _private_configs(target)
-    for module in _base_model(target).modules():
+    base, causal_lm = _base_model(target), _is_causal_lm(target)
+    for module in base.modules():
         if _uses_attention_interface(module) and hasattr(module, "config"):
             setattr(module, attention.PLAN_ATTR, attention.plan(chosen, module.config._attn_implementation))
             record.attention_modules.append(module)
     configs = {id(m.config): m.config for m in record.attention_modules}
-    base_config = _base_model(target).config  # mask creation in the base model reads this one
+    base_config = base.config  # mask creation in the base model reads this one
     configs.setdefault(id(base_config), base_config)
     for config in configs.values():
         record.configs.append((config, config._attn_implementation))
@@ -384,13 +380,12 @@ def patch(
         if not compiling.can_compile():
             raise RuntimeError("compile=True needs torch.compile; pass compile=False.")
         text_config = _text_config(target)
-        layers = _decoder_layers(_base_model(target), getattr(text_config, "num_hidden_layers", None))
+        layers = _decoder_layers(base, getattr(text_config, "num_hidden_layers", None))
         record.compiled = compiling.compile_layers(layers)
     # The backbone is always wrapped, so whoever calls it (a head, TRL's fused LM head) gets
     # packing. A causal LM's own forward is wrapped too, so its LM head and loss run on real tokens
     # only, unless a framework already replaced it on the instance: then that forward is left to
     # call the backbone with the padded batch it expects.
-    base, causal_lm = _base_model(target), _is_causal_lm(target)
     if base is target:  # no separate backbone module (or the bare base model itself)
         _wrap(target, record, head=causal_lm)
     else:
