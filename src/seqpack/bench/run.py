@@ -6,25 +6,27 @@ the benchmark's correctness check. The first ``warmup`` steps (kernel selection,
 compilation, allocator growth) are timed apart; the rest are timed as one stretch between two
 device synchronisations, with per-step device events for the median.
 
-Memory, per mode:
-- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
-  allocated before the model was built (nothing, normally).
-- CPU: the process's peak resident set (``VmHWM``), reset per mode through
-  ``/proc/self/clear_refs`` after ``gc.collect`` and ``malloc_trim`` hand freed memory back to the
-  OS, minus the resident set at that moment. That is memory the mode touched, allocator slack
-  included: an honest upper bound, noisier than the CUDA figure. Where Linux's ``clear_refs`` is
-  unavailable, ``ru_maxrss`` is used and flagged: it is process-wide, so later modes inherit the
-  peaks of earlier ones.
-- ``held``: weights, gradients and optimizer state, once the first step has created them: on CUDA
-  the most memory allocated at the start of a step; on the CPU, where the resident set also holds
-  allocator slack, the bytes of those tensors counted one by one. ``activation`` = peak - held.
+Memory, per mode, from one extra step after the timed stretch (the *memory step*). The timed steps
+free the gradients after each optimizer step, as Trainer, Accelerate and ``optimizer.zero_grad()``
+do; the memory step first allocates every gradient, so that its peak is the most the mode needs:
+- ``held``: weights, gradients and optimizer state at the start of the memory step.
+- ``activation``: the memory step's peak minus ``held``.
+- ``peak`` = held + activation.
+The memory step replays the timed batch with the most padded tokens, the same batch for every mode.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+- CPU: the process's peak resident set (``VmHWM``), reset through ``/proc/self/clear_refs`` after
+  ``gc.collect`` and ``malloc_trim`` hand freed memory back to the OS, minus the resident set at
+  that moment; ``held`` counts the state tensors' bytes one by one. That is memory the step
+  touched, allocator slack included: an honest upper bound, noisier than the CUDA figure. Where
+  Linux's ``clear_refs`` is unavailable, ``ru_maxrss`` is used and flagged: it is process-wide,
+  so a step can inherit earlier peaks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import math
 import os
@@ -92,24 +94,21 @@ class Result:
 
 
 class _CudaMemory:
-    method = "torch.cuda.max_memory_allocated, reset per mode"
+    method = "torch.cuda.max_memory_allocated over one step with every gradient allocated"
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def reset(self) -> None:
+    def measure_step(self, model, optimizer, run_step) -> tuple[int, int]:
+        """(held, peak) bytes of one call of ``run_step``; held is what was allocated before it."""
         gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-        self.held = 0
-
-    def sample_held(self, model, optimizer) -> None:
-        self.held = max(self.held, torch.cuda.memory_allocated(self.device) - self.base)
-
-    def peak(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device) - self.base
+        held = torch.cuda.memory_allocated(self.device)
+        run_step()
+        torch.cuda.synchronize(self.device)
+        return held, torch.cuda.max_memory_allocated(self.device)
 
 
 def _status_kb(key: str) -> int:
@@ -133,7 +132,7 @@ def _state_bytes(model: torch.nn.Module, optimizer) -> int:
 
 class _RssMemory:
     method = (
-        "peak RSS (VmHWM) reset per mode via /proc/self/clear_refs, minus RSS at reset; "
+        "peak RSS (VmHWM) over one step with every gradient allocated, reset via /proc/self/clear_refs; "
         "held = bytes of weights + grads + optimizer state"
     )
 
@@ -147,7 +146,10 @@ class _RssMemory:
             self.resettable = True
         except OSError:
             self.resettable = False
-            self.method = "ru_maxrss (process-wide peak: includes earlier modes); held = bytes of weights + grads + optimizer state"
+            self.method = (
+                "ru_maxrss (process-wide peak: can include earlier steps); "
+                "held = bytes of weights + grads + optimizer state"
+            )
 
     def _rss(self) -> int:
         if self.resettable:
@@ -155,25 +157,32 @@ class _RssMemory:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def reset(self) -> None:
+    def _high_water(self) -> int:
+        if self.resettable:
+            return _status_kb("VmHWM") * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def measure_step(self, model, optimizer, run_step) -> tuple[int, int]:
+        """(held, peak) bytes of one call of ``run_step``; held counts the state tensors."""
         gc.collect()
         if self._trim is not None:
             self._trim(0)  # hand memory that freed tensors left in malloc's arenas back to the OS
         if self.resettable:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-        self.base = self._rss()
-        self.held = 0
+        start = self._rss()
+        held = _state_bytes(model, optimizer)
+        run_step()
+        return held, held + max(self._high_water() - start, 0)
 
-    def sample_held(self, model, optimizer) -> None:
-        self.held = max(self.held, _state_bytes(model, optimizer))
 
-    def peak(self) -> int:
-        if self.resettable:
-            return _status_kb("VmHWM") * 1024 - self.base
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def memory_meter(device: torch.device):
@@ -242,6 +251,15 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     }
 
 
+def _train_step(model, optimizer, inputs: dict, device: torch.device) -> torch.Tensor:
+    loss = model(**_to_device(inputs, device), use_cache=False).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)  # what Trainer, Accelerate and optimizer.zero_grad() do
+    return loss.detach()
+
+
 def _token_counts(batches: list[list[list[int]]]) -> tuple[int, int]:
     real = sum(len(e) for batch in batches for e in batch)
     padded = sum(len(batch) * max(len(e) for e in batch) for batch in batches)
@@ -266,7 +284,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
     progress = Progress(f"{model_name} / {mode_name}", len(batches), cfg.warmup)
     model = optimizer = None
     try:
-        meter.reset()
+        _release_memory(cfg.device)
         model = load_model(
             model_name,
             attn_implementation=mode.attn_implementation(options),
@@ -290,19 +308,12 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
                     torch.cuda.synchronize(cfg.device)
                 timed_start = time.perf_counter()
                 result.warmup_time_s = timed_start - warmup_start
-            meter.sample_held(model, optimizer)
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             else:
                 step_start = time.perf_counter()
-            loss = model(**_to_device(step_inputs, cfg.device), use_cache=False).loss
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-            # Gradients stay allocated between steps so that `held` counts them.
-            model.zero_grad(set_to_none=False)
-            losses.append(loss.detach())
+            losses.append(_train_step(model, optimizer, step_inputs, cfg.device))
             if cuda:
                 end.record()
                 events.append((start, end))
@@ -322,8 +333,16 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         result.tokens_per_s = result.real_tokens / result.time_s if result.time_s > 0 else 0.0
         result.losses = [float(loss) for loss in losses]
         result.first_loss = result.losses[0]
-        result.peak_mem_mb = meter.peak() / 2**20
-        result.held_mem_mb = meter.held / 2**20
+
+        # The memory step: every gradient allocated first, so the peak is the most this mode needs.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        biggest = max(range(len(batches)), key=lambda i: len(batches[i]) * max(map(len, batches[i])))
+        held, peak = meter.measure_step(
+            model, optimizer, functools.partial(_train_step, model, optimizer, inputs[biggest], cfg.device)
+        )
+        result.held_mem_mb, result.peak_mem_mb = held / 2**20, peak / 2**20
         result.activation_mem_mb = result.peak_mem_mb - result.held_mem_mb
         progress.close(f"({result.tokens_per_s:,.0f} token/s)")
     except Exception as e:  # one mode failing (OOM, an unsupported model) must not hide the others
@@ -332,10 +351,8 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         progress.close(f"FAILED: {result.error.splitlines()[0]}")
         if not oom:
             traceback.print_exc()
-        with contextlib.suppress(Exception):
-            result.peak_mem_mb = meter.peak() / 2**20
     finally:
-        del model, optimizer  # the next mode's meter.reset() collects and measures from there
+        del model, optimizer  # the next mode's _release_memory collects them
     return result
 
 
