@@ -12,7 +12,8 @@ do; the memory step first allocates every gradient, so that its peak is the most
 - ``held``: weights, gradients and optimizer state at the start of the memory step.
 - ``activation``: the memory step's peak minus ``held``.
 - ``peak`` = held + activation.
-The memory step replays the timed batch with the most padded tokens, the same batch for every mode.
+The memory step replays the batch with the most padded tokens, the same batch for every mode; if
+it runs out of memory, the mode's timings stand and its memory figures are NaN.
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 - CPU: the process's peak resident set (``VmHWM``), reset through ``/proc/self/clear_refs`` after
   ``gc.collect`` and ``malloc_trim`` hand freed memory back to the OS, minus the resident set at
@@ -339,12 +340,19 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         biggest = max(range(len(batches)), key=lambda i: len(batches[i]) * max(map(len, batches[i])))
-        held, peak = meter.measure_step(
-            model, optimizer, functools.partial(_train_step, model, optimizer, inputs[biggest], cfg.device)
-        )
-        result.held_mem_mb, result.peak_mem_mb = held / 2**20, peak / 2**20
+        note = ""
+        try:
+            held, peak = meter.measure_step(
+                model,
+                optimizer,
+                functools.partial(_train_step, model, optimizer, inputs[biggest], cfg.device),
+            )
+            result.held_mem_mb, result.peak_mem_mb = held / 2**20, peak / 2**20
+        except torch.cuda.OutOfMemoryError:  # the timed steps fit; report them, with no memory figure
+            result.held_mem_mb = result.peak_mem_mb = math.nan
+            note = ", memory step out of memory"
         result.activation_mem_mb = result.peak_mem_mb - result.held_mem_mb
-        progress.close(f"({result.tokens_per_s:,.0f} token/s)")
+        progress.close(f"({result.tokens_per_s:,.0f} token/s{note})")
     except Exception as e:  # one mode failing (OOM, an unsupported model) must not hide the others
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         result.error = "out of memory" if oom else f"{type(e).__name__}: {e}"
