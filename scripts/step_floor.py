@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 
 import torch
@@ -36,6 +37,11 @@ def _time_ms(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def _repeat(fn, n: int) -> None:
+    for _ in range(n):
+        fn()
+
+
 def _linear_shapes(name: str) -> tuple[collections.Counter, list[torch.Size]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(presets.build_config(name))
@@ -46,15 +52,23 @@ def _linear_shapes(name: str) -> tuple[collections.Counter, list[torch.Size]]:
 
 
 def gemm_ms(linears: collections.Counter, tokens: int) -> dict[str, float]:
-    """Milliseconds of forward, input-gradient and weight-gradient GEMMs over all linears."""
+    """Milliseconds of forward, input-gradient and weight-gradient GEMMs over all linears.
+
+    Each GEMM runs back to back as many times as the model has that linear, under one pair of
+    events, on values of a trained model's scale (weights ~0.02, activations ~1): a profile's
+    per-kernel sum, without a launch gap per call.
+    """
     out = collections.Counter()
     for (n_in, n_out), count in linears.items():
         x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
-        out["forward"] += count * _time_ms(lambda: x @ w.T)  # noqa: B023
-        out["input grad"] += count * _time_ms(lambda: dy @ w)  # noqa: B023
-        out["weight grad"] += count * _time_ms(lambda: dy.T @ x)  # noqa: B023
+        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * 0.02
+        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16) * 1e-3
+        for part, gemm in [
+            ("forward", lambda: x @ w.T),  # noqa: B023
+            ("input grad", lambda: dy @ w),  # noqa: B023
+            ("weight grad", lambda: dy.T @ x),  # noqa: B023
+        ]:
+            out[part] += _time_ms(functools.partial(_repeat, gemm, count), reps=5)
     return dict(out)
 
 

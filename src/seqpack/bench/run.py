@@ -9,12 +9,15 @@ device synchronisations, with per-step device events for the median.
 Memory, per mode, from one extra step after the timed stretch (the *memory step*). The timed steps
 free the gradients after each optimizer step, as Trainer, Accelerate and ``optimizer.zero_grad()``
 do; the memory step first allocates every gradient, so that its peak is the most the mode needs:
-- ``held``: weights, gradients and optimizer state at the start of the memory step.
-- ``activation``: the memory step's peak minus ``held``.
+- ``held``: weights, gradients and optimizer state, with every gradient allocated.
+- ``activation``: the most the memory step's forward and backward allocate on top of weights and
+  gradients. The optimizer state takes no part in them, so it is dropped first (and counted in
+  ``held``): a padded 7B model's step then fits an 80 GB card.
 - ``peak`` = held + activation.
 The memory step replays the batch with the most padded tokens, the same batch for every mode; if
 it runs out of memory, the mode's timings stand and its memory figures are NaN.
-- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
+  before the step.
 - CPU: the process's peak resident set (``VmHWM``), reset through ``/proc/self/clear_refs`` after
   ``gc.collect`` and ``malloc_trim`` hand freed memory back to the OS, minus the resident set at
   that moment; ``held`` counts the state tensors' bytes one by one. That is memory the step
@@ -95,21 +98,27 @@ class Result:
 
 
 class _CudaMemory:
-    method = "torch.cuda.max_memory_allocated over one step with every gradient allocated"
+    method = "torch.cuda.max_memory_allocated over one forward + backward with every gradient allocated"
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def measure_step(self, model, optimizer, run_step) -> tuple[int, int]:
-        """(held, peak) bytes of one call of ``run_step``; held is what was allocated before it."""
+    def held(self, model, optimizer) -> int:
+        """Bytes allocated now: weights, gradients and optimizer state between steps."""
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def activation(self, run_step) -> int:
+        """Bytes ``run_step`` allocated at its peak over what was allocated before it."""
         gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        held = torch.cuda.memory_allocated(self.device)
+        start = torch.cuda.memory_allocated(self.device)
         run_step()
         torch.cuda.synchronize(self.device)
-        return held, torch.cuda.max_memory_allocated(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - start
 
 
 def _status_kb(key: str) -> int:
@@ -133,7 +142,7 @@ def _state_bytes(model: torch.nn.Module, optimizer) -> int:
 
 class _RssMemory:
     method = (
-        "peak RSS (VmHWM) over one step with every gradient allocated, reset via /proc/self/clear_refs; "
+        "peak RSS (VmHWM) over one forward + backward with every gradient allocated, reset via /proc/self/clear_refs; "
         "held = bytes of weights + grads + optimizer state"
     )
 
@@ -165,8 +174,12 @@ class _RssMemory:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def measure_step(self, model, optimizer, run_step) -> tuple[int, int]:
-        """(held, peak) bytes of one call of ``run_step``; held counts the state tensors."""
+    def held(self, model, optimizer) -> int:
+        """Bytes of weights, gradients and optimizer state, counted tensor by tensor."""
+        return _state_bytes(model, optimizer)
+
+    def activation(self, run_step) -> int:
+        """Bytes the resident set grew by at its peak during ``run_step``."""
         gc.collect()
         if self._trim is not None:
             self._trim(0)  # hand memory that freed tensors left in malloc's arenas back to the OS
@@ -174,9 +187,8 @@ class _RssMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         start = self._rss()
-        held = _state_bytes(model, optimizer)
         run_step()
-        return held, held + max(self._high_water() - start, 0)
+        return max(self._high_water() - start, 0)
 
 
 def _release_memory(device: torch.device) -> None:
@@ -252,9 +264,14 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     }
 
 
-def _train_step(model, optimizer, inputs: dict, device: torch.device) -> torch.Tensor:
+def _forward_backward(model, inputs: dict, device: torch.device) -> torch.Tensor:
     loss = model(**_to_device(inputs, device), use_cache=False).loss
     loss.backward()
+    return loss
+
+
+def _train_step(model, optimizer, inputs: dict, device: torch.device) -> torch.Tensor:
+    loss = _forward_backward(model, inputs, device)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)  # what Trainer, Accelerate and optimizer.zero_grad() do
@@ -335,19 +352,23 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         result.losses = [float(loss) for loss in losses]
         result.first_loss = result.losses[0]
 
-        # The memory step: every gradient allocated first, so the peak is the most this mode needs.
+        # The memory step: forward and backward with every gradient allocated, so that its peak is
+        # the most this mode needs. The optimizer state takes no part in them: its bytes count in
+        # `held`, and the state is dropped before the step (it is the mode's last), which lets the
+        # padded 7B model's step be measured on an 80 GB card.
         for p in model.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
+        held = meter.held(model, optimizer)
+        if optimizer is not None:
+            optimizer.state.clear()
         biggest = max(range(len(batches)), key=lambda i: len(batches[i]) * max(map(len, batches[i])))
         note = ""
         try:
-            held, peak = meter.measure_step(
-                model,
-                optimizer,
-                functools.partial(_train_step, model, optimizer, inputs[biggest], cfg.device),
+            activation = meter.activation(
+                functools.partial(_forward_backward, model, inputs[biggest], cfg.device)
             )
-            result.held_mem_mb, result.peak_mem_mb = held / 2**20, peak / 2**20
+            result.held_mem_mb, result.peak_mem_mb = held / 2**20, (held + activation) / 2**20
         except torch.cuda.OutOfMemoryError:  # the timed steps fit; report them, with no memory figure
             result.held_mem_mb = result.peak_mem_mb = math.nan
             note = ", memory step out of memory"
