@@ -389,3 +389,23 @@ def test_memory_budget_reaches_patch_and_explain_counts_graphs(monkeypatch):
     assert code == 0
     assert seen["memory_budget"] == 0.5
     assert "torch.compile per mode" in out and "tiny / seqpack:" in out and "graph breaks" in out
+
+
+def test_padding_without_cudnn_runs_every_step_with_cudnn_attention_off(monkeypatch, tmp_path):
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    path = tmp_path / "out.json"
+    code, out, _ = _main([*CHEAP, "--modes", "padding-no-cudnn,padding", "--json", str(path)])
+    assert code == 0
+    assert "padding-no-cudnn (sdpa, no cuDNN)" in out
+    tuned, default = json.loads(path.read_text())
+    assert tuned["first_loss"] == pytest.approx(default["first_loss"], rel=1e-5)
+    half = len(seen) // 2  # the tuned mode ran first: its sdpa calls had cuDNN attention off
+    assert half > 0 and not any(seen[:half]) and all(seen[half:])
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and the setting did not leak

@@ -10,6 +10,7 @@ the table come from the mode alone. Later modes (compiled layers, fused loss, se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Mode:
             on the host before timing starts, as a data loader would.
         prepare: (model, options) -> the model to train (may be the same object).
         describe_attention: (model, options) -> what the table names as the attention used.
+        step_context: () -> a context manager every training step runs in.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Mode:
     describe_attention: Callable[[torch.nn.Module, ModeOptions], str] = lambda model, options: (
         model.config._attn_implementation
     )
+    step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 MODES: dict[str, Mode] = {}
@@ -167,6 +170,29 @@ register_mode(
         summary="the unpatched model on padded batches, sdpa attention (what users get by default)",
         attn_implementation=lambda options: "sdpa",
         collate=pad_batch,
+    )
+)
+
+
+def _sdpa_without_cudnn() -> contextlib.AbstractContextManager:
+    # On Hopper, torch (2.11) picks cuDNN attention for a padded batch's mask: measured on an H100,
+    # it stalled 1.4-2.4 s building a plan for some new lengths, and its steady-state step was 1.7x
+    # the memory-efficient kernel's (llama-3.2-1b, batch 16). This mode is the padded path a user
+    # who knows that would run.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+register_mode(
+    Mode(
+        name="padding-no-cudnn",
+        summary="'padding' with sdpa's cuDNN kernel excluded (flash / memory-efficient / math only): "
+        "the tuned padded path (not run by default)",
+        attn_implementation=lambda options: "sdpa",
+        collate=pad_batch,
+        describe_attention=lambda model, options: "sdpa, no cuDNN",
+        step_context=_sdpa_without_cudnn,
     )
 )
 register_mode(

@@ -28,6 +28,7 @@ it runs out of memory, the mode's timings stand and its memory figures are NaN.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -264,9 +265,12 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
     }
 
 
-def _forward_backward(model, inputs: dict, device: torch.device) -> torch.Tensor:
-    loss = model(**_to_device(inputs, device), use_cache=False).loss
-    loss.backward()
+def _forward_backward(
+    model, inputs: dict, device: torch.device, context=contextlib.nullcontext
+) -> torch.Tensor:
+    with context():
+        loss = model(**_to_device(inputs, device), use_cache=False).loss
+        loss.backward()
     return loss
 
 
@@ -331,7 +335,8 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
                 start.record()
             else:
                 step_start = time.perf_counter()
-            losses.append(_train_step(model, optimizer, step_inputs, cfg.device))
+            with mode.step_context():
+                losses.append(_train_step(model, optimizer, step_inputs, cfg.device))
             if cuda:
                 end.record()
                 events.append((start, end))
@@ -366,7 +371,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         note = ""
         try:
             activation = meter.activation(
-                functools.partial(_forward_backward, model, inputs[biggest], cfg.device)
+                functools.partial(_forward_backward, model, inputs[biggest], cfg.device, mode.step_context)
             )
             result.held_mem_mb, result.peak_mem_mb = held / 2**20, (held + activation) / 2**20
         except torch.cuda.OutOfMemoryError:  # the timed steps fit; report them, with no memory figure
