@@ -9,9 +9,10 @@ Backends, best first:
 - ``fa3``: FlashAttention-3 (``flash_attn_interface``), Hopper only.
 - ``flash_attn``: the flash-attn package's FlashAttention-2 varlen kernel.
 - ``torch``: PyTorch's own varlen FlashAttention-2 (``torch.nn.attention.varlen.varlen_attn``).
-- ``reference``: the model's own eager attention over a block-diagonal causal mask of the packed
-  sequence. Runs anywhere (CPU included) and honours every feature that model's eager code has,
-  so it is both the CPU path and the truth the kernels are tested against.
+- ``reference``: the model's own eager attention, each packed sequence over itself (one by one,
+  or laid out as a padded batch under compile). Runs anywhere (CPU included) and honours every
+  feature that model's eager code has, so it is both the CPU path and the truth the kernels are
+  tested against.
 
 A kernel that lacks a feature a layer needs (a softcap, attention sinks, dropout, fp32) is never
 asked to approximate it: that call runs on the reference path, and the switch is logged once.
@@ -121,13 +122,15 @@ def _reference_attention(
 ):
     """The model's own eager attention, each packed sequence seeing only itself.
 
-    Eager on the CPU it runs sequence by sequence (cost: the sum of n^2, not T^2); under
-    torch.compile or on a GPU (where it is only a fallback) it runs once over a block-diagonal mask,
-    which needs no host sync and no data-dependent loop.
+    Eager on the CPU it runs sequence by sequence (cost: the sum of n^2). Under torch.compile, or
+    on a GPU (where it is only a fallback), it lays the sequences out as a padded (N, max_seqlen)
+    batch and runs once over that, which needs no host sync and no data-dependent loop, and costs
+    no more than the padded batch the caller started from (N * max_seqlen^2, not T^2).
 
     Args:
         query: (1, Hq, T, D); key, value: (1, Hkv, T, D), as the attention layer gave them.
         cu_seqlens: (N + 1,) int32.
+        max_seqlen: int, the longest sequence.
     Returns:
         (1, T, Hq, D), like every transformers attention function.
     """
@@ -135,26 +138,49 @@ def _reference_attention(
     if query.device.type == "cpu" and not torch.compiler.is_compiling():
         bounds = cu_seqlens.tolist()
         outs = [
-            _masked_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **extra)
+            _masked_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], **extra)
             for s, e in zip(bounds[:-1], bounds[1:], strict=True)
             if e > s
         ]
         if not outs:
             return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
         return torch.cat(outs, dim=1)
-    return _masked_attention(module, query, key, value, cu_seqlens, **extra)
+    return _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra)
 
 
-def _masked_attention(module, query, key, value, cu_seqlens, *, scaling, dropout, sliding_window, **kwargs):
-    """Eager attention over (1, H, n, D) with a causal mask, block-diagonal when cu_seqlens is given."""
-    total = query.shape[2]
+def _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra):
+    """Packed (1, H, T, D) -> (N, H, S, D) rows of S = max_seqlen, masked attention, and back.
+
+    Returns:
+        (1, T, Hq, D).
+    """
+    total, width = query.shape[2], max_seqlen
+    cu = cu_seqlens.long()
+    rows = cu.shape[0] - 1  # N; cu_seqlens is never sliced, so compiled code does not specialise on N == 1
+    pos = torch.arange(total, device=query.device)  # (T,)
+    seq_id = torch.searchsorted(cu, pos, right=True) - 1  # (T,) which sequence each token is in
+    slot = seq_id * width + (pos - cu[seq_id])  # (T,) its place in the flattened (N, S) layout
+
+    def to_rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
+        heads, dim = x.shape[1], x.shape[3]
+        flat = x.new_zeros(rows * width, heads, dim).index_copy(0, slot, x[0].transpose(0, 1))
+        return flat.view(rows, width, heads, dim).transpose(1, 2)
+
+    # Each sequence starts its row, so the causal mask alone keeps its queries off the padding.
+    out = _masked_attention(module, to_rows(query), to_rows(key), to_rows(value), **extra)  # (N, S, Hq, D)
+    return out.reshape(rows * width, *out.shape[2:]).index_select(0, slot).unsqueeze(0)  # (1, T, Hq, D)
+
+
+def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_window, **kwargs):
+    """Eager attention over (B, H, n, D) with a causal (and sliding-window) mask.
+
+    Returns:
+        (B, n, H, D).
+    """
+    width = query.shape[2]
     device = query.device
-    pos = torch.arange(total, device=device)
-    allowed = pos[None, :] <= pos[:, None]  # (n, n)
-    if cu_seqlens is not None:
-        # No slice of cu_seqlens here: a (B,) slice would make compiled code specialise on B == 1.
-        seq_id = torch.searchsorted(cu_seqlens.long(), pos, right=True)  # (n,)
-        allowed = allowed & (seq_id[:, None] == seq_id[None, :])
+    pos = torch.arange(width, device=device)
+    allowed = (pos[None, :] <= pos[:, None])[None, None]  # (1, 1, n, n)
     if sliding_window:
         allowed = allowed & (pos[:, None] - pos[None, :] < sliding_window)
     eager = _eager_function(module)
@@ -166,11 +192,11 @@ def _masked_attention(module, query, key, value, cu_seqlens, *, scaling, dropout
                 f"{type(module).__name__} has no eager attention to honour its softcap/sinks on the reference path."
             )
         out, _ = sdpa_attention_forward(
-            module, query, key, value, allowed[None, None], dropout=dropout, scaling=scaling, is_causal=False
+            module, query, key, value, allowed, dropout=dropout, scaling=scaling, is_causal=False
         )
         return out
-    mask = torch.zeros(total, total, dtype=query.dtype, device=device)
-    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]  # (1, 1, n, n)
+    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=device)
+    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)  # (1, 1, n, n)
     out, _ = eager(
         module,
         query,
