@@ -63,12 +63,20 @@ def _main(argv: list[str]) -> tuple[int, str, str]:
 
 
 def test_defaults_are_the_cpu_main_job():
-    args = cli.parse_args([])
+    args = cli.parse_args(["--device", "cpu"])
     assert args.model == ["tiny"]
     assert args.modes == ["padding", "hf-packing", "seqpack"]
     assert (args.batch_size, args.optimizer, args.data) == (16, "adamw", "gsm8k")
-    if not torch.cuda.is_available():
-        assert (args.device.type, args.dtype, args.steps, args.warmup) == ("cpu", "fp32", 4, 1)
+    assert (args.device.type, args.dtype, args.steps, args.warmup) == ("cpu", "fp32", 4, 1)
+
+
+def test_on_cuda_the_tuned_padded_path_runs_too(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = cli.parse_args([])
+    assert args.device.type == "cuda"
+    assert args.modes == ["padding", "padding-no-cudnn", "hf-packing", "seqpack"]
+    assert (args.dtype, args.steps, args.warmup) == ("bf16", 10, 3)
+    assert cli.parse_args(["--modes", "seqpack"]).modes == ["seqpack"]
 
 
 def test_arguments_parse():

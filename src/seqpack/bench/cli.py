@@ -23,7 +23,7 @@ import sys
 import torch
 
 from . import data as data_lib
-from .modes import DEFAULT_MODES, MODES
+from .modes import CUDA_DEFAULT_MODES, DEFAULT_MODES, MODES
 from .presets import PRESETS, vocab_size
 from .report import environment, format_report, warn_mismatch, write_json, write_plot
 from .run import LOSS_TOLERANCE, BenchConfig, check_first_losses, run_mode, set_speedups
@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--modes",
         type=_csv,
-        default=list(DEFAULT_MODES),
-        help=f"comma-separated (default: {','.join(DEFAULT_MODES)})",
+        help=f"comma-separated (default: {','.join(DEFAULT_MODES)}; on CUDA {','.join(CUDA_DEFAULT_MODES)})",
     )
     what.add_argument(
         "--hf-attn",
@@ -165,14 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown or not args.modes:
-        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.modes is None:
+        args.modes = list(CUDA_DEFAULT_MODES if args.device.type == "cuda" else DEFAULT_MODES)
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
     gpu = args.device.type != "cpu"
     if args.steps is None:
         args.steps = 10 if gpu else 4

@@ -188,7 +188,7 @@ register_mode(
     Mode(
         name="padding-no-cudnn",
         summary="'padding' with sdpa's cuDNN kernel excluded (flash / memory-efficient / math only): "
-        "the tuned padded path (not run by default)",
+        "the tuned padded path (run by default on CUDA only)",
         attn_implementation=lambda options: "sdpa",
         collate=pad_batch,
         describe_attention=lambda model, options: "sdpa, no cuDNN",
@@ -226,3 +226,5 @@ register_mode(
 )
 
 DEFAULT_MODES = ("padding", "hf-packing", "seqpack")
+# On CUDA the tuned padded path runs too: there the default sdpa choice can be cuDNN's (see above).
+CUDA_DEFAULT_MODES = ("padding", "padding-no-cudnn", "hf-packing", "seqpack")
