@@ -429,3 +429,27 @@ def test_padded_layout_reference_equals_sequence_by_sequence(model_type, extra):
     for a, b in zip(grads_laid_out, grads_looped, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, max_length, message",
+    [
+        ([0, 3, 9], 5, "max_length_q=5 is shorter than the longest sequence"),
+        ([0, 3, 8], 6, "end at the packed length 9"),
+        ([1, 3, 9], 6, "must start at 0"),
+        ([0, 5, 3, 9], 6, "decreases"),
+    ],
+)
+def test_prepacked_flash_kwargs_that_lie_are_refused(cu_seqlens, max_length, message):
+    # The kernels trust cu_seq_lens_q and max_length_q; a wrong value would compute something else.
+    patched = patch(tiny_llama(), **EAGER)
+    batch = dict(
+        input_ids=torch.randint(1, 128, (1, 9)),
+        position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]]),
+        cu_seq_lens_q=torch.tensor(cu_seqlens, dtype=torch.int32),
+        cu_seq_lens_k=torch.tensor(cu_seqlens, dtype=torch.int32),
+        max_length_q=max_length,
+        max_length_k=max_length,
+    )
+    with pytest.raises(ValueError, match=message):
+        patched(**batch)

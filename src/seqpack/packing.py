@@ -147,9 +147,26 @@ def metadata_from_packed(
         starts = torch.ones_like(pos, dtype=torch.bool)
         starts[1:] = pos[1:] - pos[:-1] != 1
         cu_seqlens = torch.cat([starts.nonzero().flatten(), pos.new_tensor([total])])  # host sync
-    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).reshape(-1)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seq_lens_q must hold N + 1 >= 2 offsets; got {cu_seqlens.tolist()}.")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # One host sync: the kernels trust these values, and a wrong one would not fail, only mislead.
+    first, last, shortest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
+    ).tolist()
+    if first != 0 or last != total or shortest < 0:
+        raise ValueError(
+            f"cu_seq_lens_q must start at 0, never decrease and end at the packed length {total}; it runs "
+            f"from {first} to {last}{' and decreases' if shortest < 0 else ''}."
+        )
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = longest
+    elif int(max_seqlen) < longest:
+        raise ValueError(
+            f"max_length_q={int(max_seqlen)} is shorter than the longest sequence in cu_seq_lens_q "
+            f"({longest}); pass the longest length (or leave max_length_q out)."
+        )
     if position_ids is None:
         position_ids = _restarting_positions(cu_seqlens, total)
     return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids.reshape(1, -1), 1, total)
