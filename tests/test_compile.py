@@ -109,3 +109,28 @@ def test_compiled_layers_with_checkpointing_and_peft(monkeypatch, wrapper):
     for name in ref_grads:
         assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert counters["stats"]["unique_graphs"] >= 1  # the layers did run compiled
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss", "qwen3_moe"])
+def test_compiled_reference_attention_keeps_softcaps_sinks_and_experts(model_type):
+    # On the CPU, compiled layers run the reference attention over the padded (N, max_seqlen)
+    # layout: the architecture's own softcap, sinks, sliding window or router must survive it.
+    from tiny_models import build_tiny_model
+
+    torch._dynamo.reset()
+    reference = build_tiny_model(model_type, seed=0)
+    patched = patch(build_tiny_model(model_type, seed=0), compile=True, keep_logits=True)
+    for seed, lengths in enumerate([[5, 9, 1, 7], [3, 12]]):
+        ids, mask, labels = padded_batch(lengths, max(lengths), vocab=reference.config.vocab_size, seed=seed)
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+        real = mask.bool()
+        assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
+        assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        ref.loss.backward()
+        out.loss.backward()
+        expected = grads(reference)
+        for name, grad in grads(patched).items():
+            assert_close(grad, expected[name], rtol=1e-4, atol=1e-5)
+        reference.zero_grad()
+        patched.zero_grad()
