@@ -417,7 +417,8 @@ def test_padded_layout_reference_equals_sequence_by_sequence(model_type, extra):
     inputs = [
         torch.randn(1, h, total, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)
     ]
-    kwargs = dict(scaling=dim**-0.5, dropout=0.0, sliding_window=extra.pop("sliding_window", None), **extra)
+    features = {k: v for k, v in extra.items() if k != "sliding_window"}
+    kwargs = dict(scaling=dim**-0.5, dropout=0.0, sliding_window=extra.get("sliding_window"), **features)
 
     looped = attention._reference_attention(module, *inputs, cu_seqlens, max(lengths), **kwargs)
     laid_out = attention._padded_layout_attention(module, *inputs, cu_seqlens, max(lengths), **kwargs)

@@ -274,8 +274,10 @@ def _forward_backward(
     return loss
 
 
-def _train_step(model, optimizer, inputs: dict, device: torch.device) -> torch.Tensor:
-    loss = _forward_backward(model, inputs, device)
+def _train_step(
+    model, optimizer, inputs: dict, device: torch.device, context=contextlib.nullcontext
+) -> torch.Tensor:
+    loss = _forward_backward(model, inputs, device, context)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)  # what Trainer, Accelerate and optimizer.zero_grad() do
@@ -335,8 +337,7 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
                 start.record()
             else:
                 step_start = time.perf_counter()
-            with mode.step_context():
-                losses.append(_train_step(model, optimizer, step_inputs, cfg.device))
+            losses.append(_train_step(model, optimizer, step_inputs, cfg.device, mode.step_context))
             if cuda:
                 end.record()
                 events.append((start, end))
