@@ -417,3 +417,38 @@ def test_padding_without_cudnn_runs_every_step_with_cudnn_attention_off(monkeypa
     half = len(seen) // 2  # the tuned mode ran first: its sdpa calls had cuDNN attention off
     assert half > 0 and not any(seen[:half]) and all(seen[half:])
     assert torch.backends.cuda.cudnn_sdp_enabled()  # and the setting did not leak
+
+
+def test_timed_steps_free_the_gradients_as_trainer_does():
+    model = torch.nn.Linear(4, 2)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def forward(input_ids, use_cache):
+        return Out(model(input_ids).sum())
+
+    wrapper = torch.nn.Module()
+    wrapper.forward = forward
+    wrapper.zero_grad = model.zero_grad
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    run._train_step(wrapper, optimizer, {"input_ids": torch.ones(3, 4)}, torch.device("cpu"))
+    assert not torch.equal(model.weight, before)  # the optimizer stepped
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_memory_step_out_of_memory_keeps_the_timings(monkeypatch, tmp_path):
+    def out_of_memory(self, run_step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(run._RssMemory, "activation", out_of_memory)
+    path = tmp_path / "out.json"
+    code, out, err = _main([*CHEAP, "--modes", "padding", "--json", str(path)])
+    assert code == 0
+    assert "memory step out of memory" in err
+    assert "n/a" in out  # the table says there is no memory figure
+    (record,) = json.loads(path.read_text())
+    assert record["error"] is None and record["tokens_per_s"] > 0
+    assert record["peak_mem_mb"] is None and record["activation_mem_mb"] is None  # NaN, written as null

@@ -114,7 +114,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
                 process,
                 f"{r.time_s:.2f}",
                 f"{r.tokens_per_s:,.0f}",
-                f"{r.peak_mem_mb:,.0f}",
+                _fmt(r.peak_mem_mb, ",.0f"),
                 _fmt(r.speedup, ".2f") + "x",
             ]
         )
@@ -137,8 +137,8 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
                 f"{r.warmup_time_s:.2f}",
                 f"{r.step_time_median_s:.3f}",
                 f"{max(r.step_times_s, default=0.0):.3f}",
-                f"{r.held_mem_mb:,.0f}",
-                f"{r.activation_mem_mb:,.0f}",
+                _fmt(r.held_mem_mb, ",.0f"),
+                _fmt(r.activation_mem_mb, ",.0f"),
                 f"{r.first_loss:.6f}",
                 f"{r.loss_rel_diff:.1e}",
             ]
