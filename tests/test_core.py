@@ -215,7 +215,7 @@ def test_generation_and_custom_masks_run_the_original_forward():
     with torch.no_grad():
         assert_close(patched(input_ids=ids, attention_mask=causal).logits,
                      reference(input_ids=ids, attention_mask=causal).logits)  # fmt: skip
-    assert patched.config._attn_implementation == attention.ATTN_NAME  # restored after the call
+    assert patched.config._attn_implementation == "sdpa"  # at rest the config names the original
 
 
 @pytest.mark.parametrize(
@@ -224,9 +224,9 @@ def test_generation_and_custom_masks_run_the_original_forward():
         (torch.ones(4, L + 1, dtype=torch.long), "attention_mask has shape"),
         (torch.ones(4, 1, L, dtype=torch.long), "attention_mask has shape"),
         (torch.full((4, L), 2), "only 0 and 1"),
-        (torch.tensor([[1] * 5 + [0] + [1] * (L - 6)] * 4), "padding inside a sequence"),
+        (torch.tensor([[1, 1, 2, 2, 2, 3] + [0] * (L - 6)] * 4), "segment-id mask"),
     ],
-    ids=["wrong-length", "3-d", "values", "holes"],
+    ids=["wrong-length", "3-d", "values", "segment-ids"],
 )
 def test_bad_masks_are_refused(mask, match):
     model = patch(tiny_llama(), **EAGER)
@@ -383,10 +383,13 @@ def test_prepacked_metadata_follows_transformers_rule():
     from seqpack.packing import metadata_from_packed
 
     cpu = torch.device("cpu")
-    meta = metadata_from_packed(7, cpu, position_ids=torch.tensor([[5, 6, 7, 0, 1, 0, 0]]))
+    meta = metadata_from_packed(1, 7, cpu, position_ids=torch.tensor([[5, 6, 7, 0, 1, 0, 0]]))
     assert meta.cu_seqlens.tolist() == [0, 3, 5, 6, 7] and meta.max_seqlen == 3
-    meta = metadata_from_packed(5, cpu, cu_seqlens=torch.tensor([0, 3, 5]))
+    meta = metadata_from_packed(1, 5, cpu, cu_seqlens=torch.tensor([0, 3, 5]))
     assert meta.position_ids.tolist() == [[0, 1, 2, 0, 1]] and meta.cu_seqlens.dtype == torch.int32
+    # Several rows: each row starts a document too, even where its positions continue the last row's.
+    meta = metadata_from_packed(2, 4, cpu, position_ids=torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]]))
+    assert meta.cu_seqlens.tolist() == [0, 2, 4, 8] and meta.max_seqlen == 4
 
 
 @pytest.mark.parametrize(

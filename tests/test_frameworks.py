@@ -16,6 +16,7 @@ leaves out, so the two are not comparable term for term (test_core.py covers lef
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,8 +123,12 @@ class _Probe:
     def _record(self, module, args, output):
         self.shapes.append(tuple(args[0].shape[:2]))
 
-    def assert_packed(self):
+    def assert_packed(self, ignore_generation=False):
+        """Every batch was packed; ``ignore_generation``: calls with a KV cache (generate) may not be."""
         assert self.shapes, "the model never ran"
+        if ignore_generation:
+            assert any(s[0] == 1 and s[1] > 1 for s in self.shapes), "no batch reached the model packed"
+            return
         unpacked = [s for s in self.shapes if s[0] != 1]
         assert not unpacked, f"batches reached the model unpacked: {unpacked[:3]} (seqpack was bypassed)"
 
@@ -463,6 +468,94 @@ def test_trl_dpo(dpo_reference, tmp_path, order):
     new_logs, new_model = _dpo_run(tmp_path, order=order)
     assert ref_logs["logps/chosen"][0] != 0.0
     _assert_same_run(ref_logs, new_logs, ref_model, new_model)
+
+
+# TRL's DPO, KTO, GRPO and RLOO build their reference model themselves when none is given:
+# from_pretrained(the policy's path, attn_implementation=policy.config._attn_implementation). That
+# model is not patched, so the name a patched config shows must compute exactly as the original
+# (seqpack's configs name the original attention at rest). At step 1 policy and reference are the
+# same weights: DPO's loss is ln 2 and the KL of GRPO/RLOO is 0, whatever the data.
+
+
+def _saved_policy(tmp_path):
+    path = tmp_path / "policy"
+    if not path.exists():
+        tiny_llama().save_pretrained(path)
+    return path
+
+
+def _own_reference_run(kind, tmp_path, patch_it):
+    from datasets import Dataset
+
+    def text(ids, lead=""):
+        return lead + " ".join(f"w{i}" for i in ids)
+
+    prompts, chosen, rejected = _preference_rows(8, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(_saved_policy(tmp_path), attn_implementation="sdpa").train()
+    if patch_it:
+        _patch(model)
+    probe = _Probe(model)
+    common = dict(per_device_train_batch_size=2, report_to="none")
+    if kind == "dpo":
+        dataset = Dataset.from_list(
+            [
+                dict(prompt=text(p), chosen=text(c, " "), rejected=text(r, " "))
+                for p, c, r in zip(prompts, chosen, rejected, strict=True)
+            ]
+        )
+        args = _args(trl.DPOConfig, tmp_path / kind, max_length=None, **common)
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=_tokenizer())
+        keys = ("loss", "logps/chosen", "rewards/chosen")
+    elif kind == "kto":
+        rows = [
+            dict(prompt=text(p), completion=text(c, " "), label=i % 2 == 0)
+            for i, (p, c) in enumerate(zip(prompts, chosen, strict=True))
+        ]
+        args = _args(trl.KTOConfig, tmp_path / kind, max_length=None, **common)
+        trainer = trl.KTOTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=_tokenizer()
+        )
+        keys = ("loss", "kl")
+    else:
+
+        def reward(completions, **kwargs):
+            return [float(len(c)) for c in completions]
+
+        config = trl.GRPOConfig if kind == "grpo" else trl.RLOOConfig
+        args = _args(
+            config,
+            tmp_path / kind,
+            beta=0.04,
+            num_generations=2,
+            max_completion_length=6,
+            temperature=1.0,
+            **common,
+        )
+        trainer_cls = trl.GRPOTrainer if kind == "grpo" else trl.RLOOTrainer
+        dataset = Dataset.from_list([dict(prompt=text(p)) for p in prompts])
+        trainer = trainer_cls(
+            model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=_tokenizer()
+        )
+        keys = ("loss", "kl")
+    assert trainer.ref_model is not None and not is_patched(trainer.ref_model)
+    trainer.train()
+    if patch_it:
+        probe.assert_packed(ignore_generation=kind in ("grpo", "rloo"))
+    return _logged(trainer, *keys), model
+
+
+@needs_trl
+@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo"])
+def test_trl_reference_model_built_from_the_patched_config(kind, tmp_path):
+    ref_logs, reference = _own_reference_run(kind, tmp_path, patch_it=False)
+    new_logs, patched = _own_reference_run(kind, tmp_path, patch_it=True)
+    if kind == "dpo":
+        assert_close(new_logs["loss"][0], math.log(2), rtol=1e-6, atol=1e-6)
+    elif kind in ("grpo", "rloo"):
+        assert abs(new_logs["kl"][0]) < 1e-6, new_logs["kl"]
+    for key in ref_logs:
+        assert_close(new_logs[key], ref_logs[key], rtol=1e-4, atol=1e-6, msg=key)
+    _assert_same_params(reference, patched)
 
 
 @needs_trl

@@ -229,11 +229,22 @@ def _kernel_attention(
     sliding_window,
     softcap,
 ):
-    """One varlen kernel call. query: (1, Hq, T, D); key, value: (1, Hkv, T, D) -> (1, T, Hq, D)."""
+    """One varlen kernel call. query, key: (1, H, T, D); value: (1, Hkv, T, Dv) -> (1, T, Hq, Dv).
+
+    The kernels want one head dim for Q, K and V; MLA's V is narrower (DeepSeek: 128 against 192).
+    V is zero-padded to D and the output cut back to Dv, which is exact: the padded columns of V
+    only produce output columns that are dropped (transformers does the same for FA2).
+    """
     backend, fn = layer_plan.backend, layer_plan.kernel
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
-    v = value[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)  # (T, Hkv, Dv)
+    value_dim = v.shape[-1]
+    if value_dim < q.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - value_dim))
+    elif value_dim > q.shape[-1]:  # zero columns of Q and K add nothing to the scores
+        q = torch.nn.functional.pad(q, (0, value_dim - q.shape[-1]))
+        k = torch.nn.functional.pad(k, (0, value_dim - k.shape[-1]))
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     if q.shape[1] != k.shape[1] and not layer_plan.gqa:
         # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads.
@@ -264,18 +275,18 @@ def _kernel_attention(
         )  # fmt: skip
         if isinstance(out, tuple):  # some FA3 builds also return the log-sum-exp
             out = out[0]
-    return out.unsqueeze(0)
+    return out[..., :value_dim].unsqueeze(0)
 
 
-def _unsupported_feature(layer_plan: LayerPlan, query, dropout, softcap, s_aux) -> str | None:
+def _unsupported_feature(layer_plan: LayerPlan, query, value, dropout, softcap, s_aux) -> str | None:
     """Why this backend cannot compute this call exactly, or None."""
     backend = layer_plan.backend
     if backend == "reference":
         return None
     if query.dtype not in (torch.float16, torch.bfloat16):
         return f"{query.dtype} inputs"
-    if query.shape[-1] > 256:
-        return f"head_dim {query.shape[-1]} > 256"
+    if max(query.shape[-1], value.shape[-1]) > 256:
+        return f"head_dim {max(query.shape[-1], value.shape[-1])} > 256"
     if s_aux is not None and not layer_plan.sinks:
         return "attention sinks"
     if softcap and backend == "torch":
@@ -296,17 +307,26 @@ class LayerPlan:
     kernel: Callable
     gqa: bool  # the kernel takes K/V with fewer heads than Q
     sinks: bool  # the kernel takes attention sinks (s_aux)
-    original: str  # the attention implementation the model had before patch()
+    # The sliding window this layer's own attention mask gives it (None: full causal), read from
+    # the model's mask code at patch time; it wins over the ``sliding_window`` the layer passes,
+    # which some models leave out. window_from_mask=False: no mask was seen, trust the argument.
+    window: int | None = None
+    window_from_mask: bool = False
 
 
-def plan(backend: str, original: str | None) -> LayerPlan:
+def plan(backend: str, window: int | None = None, window_from_mask: bool = False) -> LayerPlan:
     kernel = _varlen_fn(backend)
     gqa = backend in ("fa3", "flash_attn") or _accepts(kernel, "enable_gqa")
-    return LayerPlan(backend, kernel, gqa, _accepts(kernel, "s_aux"), original or "eager")
+    return LayerPlan(backend, kernel, gqa, _accepts(kernel, "s_aux"), window, window_from_mask)
 
 
 PLAN_ATTR = "_seqpack_plan"
 _packed_depth = 0  # > 0 while a patched model runs a packed forward
+
+
+def packing() -> bool:
+    """Whether a patched model's packed forward is running."""
+    return _packed_depth > 0
 
 
 class PackedForward:
@@ -346,7 +366,7 @@ def varlen_attention_forward(
     max_seqlen = kwargs.pop("max_length_q", None)
     for name in ("cu_seq_lens_k", "max_length_k", "position_ids"):
         kwargs.pop(name, None)
-    layer_plan = getattr(module, PLAN_ATTR, None) or plan("reference", None)
+    layer_plan = getattr(module, PLAN_ATTR, None) or plan("reference")
     if cu_seqlens is None:
         if _packed_depth:
             raise RuntimeError(
@@ -357,7 +377,6 @@ def varlen_attention_forward(
         # Outside a packed forward (e.g. gradient-checkpoint recompute of an unpacked call):
         # behave exactly like the implementation the model had before patch().
         return _delegate(
-            layer_plan,
             module,
             query,
             key,
@@ -377,13 +396,15 @@ def varlen_attention_forward(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if layer_plan.window_from_mask:
+        sliding_window = layer_plan.window
     if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
         raise RuntimeError(
             f"seqpack: {type(module).__name__} is bidirectional; packing supports causal attention only."
         )
     s_aux = kwargs.get("s_aux")
     backend = layer_plan.backend
-    why = _unsupported_feature(layer_plan, query, dropout, softcap, s_aux)
+    why = _unsupported_feature(layer_plan, query, value, dropout, softcap, s_aux)
     if why is not None:
         _log_once(
             f"seqpack: backend '{backend}' cannot do {why} ({type(module).__name__}); using 'reference' there"
@@ -402,12 +423,16 @@ def varlen_attention_forward(
     return out, None
 
 
-def _delegate(
-    layer_plan, module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs
-):
+def _delegate(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):
+    """The attention implementation the model's config names now (the one it had before patch)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    impl = layer_plan.original
+    impl = getattr(getattr(module, "config", None), "_attn_implementation_internal", None) or "eager"
+    if impl == ATTN_NAME:
+        raise RuntimeError(
+            f"seqpack: {type(module).__name__} runs attn_implementation={ATTN_NAME!r} but its model is not "
+            "patched. Load the model with its usual attention implementation and call seqpack.patch(model)."
+        )
     fn = _eager_function(module) if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
     extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
     if softcap is not None:

@@ -3,8 +3,13 @@
 The backbone's wrapper packs the padded inputs into one (1, T) sequence and runs the original
 forward with the packing metadata as kwargs (which transformers' modeling code hands on to every
 attention call); a causal LM's wrapper also runs its LM head and loss on the packed real tokens.
-Calls that packing cannot serve (generation with a cache, output_attentions, 4-D masks) run the
-original forward unchanged.
+While a packed forward runs, the model's configs name the ``"seqpack"`` attention function, so
+transformers builds no attention mask. Calls that packing cannot serve the way the unpatched model
+would (generation with a cache, output_attentions, 4-D masks, ``return_dict=False``, an
+all-padding batch) run the original forward unchanged.
+
+The wrapper is excluded from whole-model ``torch.compile`` (``torch.compiler.disable``): packing
+reads the batch on the host, and the decoder layers inside it are compiled by seqpack already.
 """
 
 from __future__ import annotations
@@ -29,19 +34,21 @@ from .packing import (
     pack,
     unpack,
 )
-from .support import _base_model
+from .support import MaskPattern, UnsupportedModelError, _base_model, fused_loss_blocker, mask_patterns
 
 
 @dataclass
 class _Record:
     wrapped: list = field(default_factory=list)  # modules whose forward seqpack wraps
-    configs: list = field(default_factory=list)  # (config, original attention implementation)
+    configs: list = field(default_factory=list)  # the model's own configs: "seqpack" only while packing
+    views: list = field(default_factory=list)  # (module, real config) for each module given a view
     attention_modules: list = field(default_factory=list)
+    layers: Any = None  # the decoder layers (nn.ModuleList)
     compiled: list = field(default_factory=list)  # decoder layers compiled in place
-    config_owners: list = field(default_factory=list)  # (module, the config object it had)
     backend: str = "reference"
-    fused_loss: bool = False  # training with labels skips the logits (see loss.fusable_head)
+    keep_logits: bool = False  # never fuse the loss (the caller reads logits in training)
     memory_budget: float | None = None
+    masks_read: bool = False  # the layers' own mask patterns are in the plans (False: read them first)
 
 
 @dataclass
@@ -55,9 +62,62 @@ class _Wrap:
 
 
 _CACHE_NAMES = ("past_key_values", "cache")
-
-
 _WRAP = "_seqpack_wrap"
+_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+# --------------------------------------------------------------------------- attention plans
+
+
+def mask_reason(patterns, layers: nn.ModuleList, text_config) -> str | None:
+    """Why the decoder layers' own masks cannot be packed, from ``support.mask_patterns``."""
+    for index, pattern in enumerate(patterns or ()):
+        if isinstance(pattern, str):
+            return f"decoder layer {index} ({type(layers[index]).__name__}): {pattern}"
+        if pattern is None and getattr(text_config, "sliding_window", None):
+            return (
+                f"seqpack could not read which attention mask decoder layer {index} "
+                f"({type(layers[index]).__name__}) gets, and the config sets a sliding window"
+            )
+    return None
+
+
+def plan_attention(record: _Record, patterns) -> None:
+    """Give every attention module its LayerPlan, with the window its layer's mask describes.
+
+    ``patterns`` is ``support.mask_patterns``'s answer, or None when it could not run yet (a model
+    on the meta device): the first packed forward reads them then.
+    """
+    by_module = {}
+    for layer, pattern in zip(record.layers, patterns or [None] * len(record.layers), strict=True):
+        for module in layer.modules():
+            by_module[id(module)] = pattern
+    for module in record.attention_modules:
+        pattern = by_module.get(id(module))
+        seen = isinstance(pattern, MaskPattern)
+        layer_plan = attention.plan(record.backend, pattern.window if seen else None, seen)
+        setattr(module, attention.PLAN_ATTR, layer_plan)
+    record.masks_read = patterns is not None
+
+
+def _read_masks(model: nn.Module, record: _Record) -> None:
+    """The mask probe of a model patched on the meta device, at its first forward."""
+    patterns = mask_patterns(_base_model(model), record.layers)
+    config = (
+        model.config.get_text_config(decoder=True)
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
+    reason = mask_reason(patterns, record.layers, config)
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"seqpack cannot pack model_type {getattr(model.config, 'model_type', '?')!r} exactly: {reason}. "
+            "Call seqpack.unpatch(model)."
+        )
+    plan_attention(record, patterns if patterns is not None else [None] * len(record.layers))
+
+
+# --------------------------------------------------------------------------- the wrapper
 
 
 class _Forward:
@@ -102,14 +162,46 @@ def _signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
+_passthrough_depth = 0  # > 0 while an original forward runs for a passed-through call
+
+
+class _Passthrough:
+    """Inside an unpacked call, the wrappers it reaches (the backbone's) pass through as well."""
+
+    def __enter__(self):
+        global _passthrough_depth
+        _passthrough_depth += 1
+
+    def __exit__(self, *exc):
+        global _passthrough_depth
+        _passthrough_depth -= 1
+
+
+class _NamedSeqpack:
+    """While packing, the model's configs name seqpack's attention: transformers makes no mask."""
+
+    def __init__(self, record: _Record):
+        self.record = record
+
+    def __enter__(self):
+        self.saved = [(c, c._attn_implementation_internal) for c in self.record.configs]
+        for config, _ in self.saved:
+            config._attn_implementation_internal = attention.ATTN_NAME
+
+    def __exit__(self, *exc):
+        for config, impl in self.saved:
+            config._attn_implementation_internal = impl
+
+
+@torch.compiler.disable
 def _packed_forward(self, *args, **kwargs):
     """The forward of a patched module: pack, run the original forward, unpack."""
     wrap = self.__dict__.get(_WRAP)
     original = (
         wrap.previous if wrap is not None and wrap.previous is not None else type(self).forward.__get__(self)
     )
-    if wrap is None or not wrap.active:
-        return original(*args, **kwargs)
+    if wrap is None or not wrap.active or _passthrough_depth or attention.packing():
+        return original(*args, **kwargs)  # unpatched, or inside a call that is passed through or packed
     signature = _signature(type(self))
     inputs = signature.bind_partial(self, *args, **kwargs).arguments
     inputs.pop("self", None)
@@ -118,48 +210,40 @@ def _packed_forward(self, *args, **kwargs):
             inputs.update(inputs.pop(name, {}))
     why = _passthrough_reason(self, inputs)
     if why is not None:
-        _log_passthrough(why)
-        with _original_attention(wrap.record):
+        attention._log_once(f"seqpack: running the original forward because {why}")
+        with _Passthrough():
             return original(*args, **kwargs)
-    return _packed_call(self, original, wrap, inputs)
+    return _packed_call(self, original, wrap, inputs, args, kwargs)
 
 
 def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
     if any(inputs.get(name) is not None for name in _CACHE_NAMES):
         return "a KV cache was passed (generation)"
-    if inputs.get("use_cache") and not owner.training:
-        return "use_cache=True at inference (generation)"
+    use_cache = inputs.get("use_cache")
+    if use_cache is None and not owner.training:  # at inference the model falls back to its config
+        use_cache = getattr(_text_config(owner), "use_cache", False)
+    if use_cache:
+        return "use_cache=True asks for a KV cache (pass use_cache=False to pack)"
     if inputs.get("output_attentions"):
         return "output_attentions=True needs the full attention matrix"
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.ndim == 4:
         return "a 4-D custom attention mask was passed"
     keep = inputs.get("logits_to_keep")
-    if isinstance(keep, torch.Tensor) or (isinstance(keep, int) and keep != 0):
-        return "logits_to_keep was set (generation)"
+    if isinstance(keep, torch.Tensor) or (keep and inputs.get("labels") is not None):
+        return "logits_to_keep was given as indices, or with labels"
+    if inputs.get("return_dict") is False:
+        return "return_dict=False (the original forward's tuple layout)"
     return None
 
 
-def _log_passthrough(why: str) -> None:
-    attention._log_once(f"seqpack: running the original forward because {why}")
+def _text_config(module: nn.Module):
+    config = getattr(module, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
 
 
-class _original_attention:
-    """Give the decoder back its original attention implementation for one unpacked call."""
-
-    def __init__(self, record: _Record):
-        self.record = record
-
-    def __enter__(self):
-        for config, impl in self.record.configs:
-            config._attn_implementation_internal = impl
-
-    def __exit__(self, *exc):
-        for config, _ in self.record.configs:
-            config._attn_implementation_internal = attention.ATTN_NAME
-
-
-def _check_inputs(inputs: dict) -> tuple[int, int, torch.device]:
+def _check_inputs(inputs: dict, head: bool) -> tuple[int, int, torch.device]:
     input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
     if (input_ids is None) == (embeds is None):
         raise ValueError("seqpack: pass exactly one of input_ids (B, L) or inputs_embeds (B, L, H).")
@@ -170,6 +254,10 @@ def _check_inputs(inputs: dict) -> tuple[int, int, torch.device]:
             f"seqpack: {name} must be {'(B, L)' if name == 'input_ids' else '(B, L, H)'}, got {tuple(x.shape)}."
         )
     batch, length = x.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(
+            f"seqpack: the batch is empty (inputs of shape {tuple(x.shape)}); pass at least one token."
+        )
     mask = inputs.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length)):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -177,41 +265,68 @@ def _check_inputs(inputs: dict) -> tuple[int, int, torch.device]:
             f"seqpack: attention_mask has shape {shape} but the inputs are ({batch}, {length}); pass a (B, L) "
             "padding mask of 0/1 (or a 4-D custom mask, which runs the original unpacked forward)."
         )
-    for name in ("position_ids", "labels"):
-        value = inputs.get(name)
-        if isinstance(value, torch.Tensor) and value.shape[-1] != length:
-            raise ValueError(
-                f"seqpack: {name} has shape {tuple(value.shape)} but the inputs are ({batch}, {length})."
-            )
+    position_ids = inputs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and (
+        position_ids.ndim < 2 or position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch)
+    ):
+        raise ValueError(
+            f"seqpack: position_ids have shape {tuple(position_ids.shape)} but the inputs are ({batch}, {length}); "
+            "pass (B, L) or (1, L) positions."
+        )
+    labels = inputs.get("labels")
+    if head and isinstance(labels, torch.Tensor) and tuple(labels.shape) != (batch, length):
+        raise ValueError(
+            f"seqpack: labels have shape {tuple(labels.shape)} but the inputs are ({batch}, {length}); pass labels "
+            "of the inputs' shape, -100 where a token has no target."
+        )
     return batch, length, x.device
 
 
 def _metadata(inputs: dict, batch: int, length: int, device: torch.device) -> VarlenMetadata:
-    """Packing metadata: from the caller's varlen kwargs, a pre-packed batch, or the padding mask."""
+    """What the batch means, read as transformers reads it.
+
+    - flash kwargs (``cu_seq_lens_q``...): one packed row, used as given;
+    - no attention_mask and (B, L) position_ids: every token is real, and a document starts
+      wherever positions do not step by one, in any row (transformers' packed-sequence rule);
+    - otherwise the 0/1 attention_mask: each row's real tokens are one sequence.
+    """
     mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
     cu_seqlens = inputs.get("cu_seq_lens_q")
-    prepacked = batch == 1 and position_ids is not None and (mask is None or bool(mask.all()))
-    if cu_seqlens is not None or prepacked:
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(
+                f"seqpack: cu_seq_lens_q describes one packed row, but the batch has {batch} rows; "
+                "pack the batch into one (1, T) row or leave the flash kwargs out."
+            )
         return metadata_from_packed(
+            batch,
             length,
             device,
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
             max_seqlen=inputs.get("max_length_q"),
         )
+    if mask is None and isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+        return metadata_from_packed(batch, length, device, position_ids=position_ids)
     return metadata_from_mask(mask, batch, length, device, position_ids)
 
 
-def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict):
+def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, kwargs):
     record = wrap.record
-    batch, length, device = _check_inputs(inputs)
+    batch, length, device = _check_inputs(inputs, wrap.head)
     meta = _metadata(inputs, batch, length, device)
+    if meta.total == 0:
+        # All padding: nothing to pack. The unpatched model's own answer (its loss), zero outputs.
+        with _Passthrough():
+            return _zero_per_token(original(*args, **kwargs), batch, length)
+    if not record.masks_read:
+        _read_masks(module, record)
     mask = inputs.pop("attention_mask", None)
-    return_dict = inputs.pop("return_dict", None)
+    inputs.pop("return_dict", None)
     labels = inputs.pop("labels", None)
     call = {}
     for name, value in inputs.items():
-        if name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        if name == "position_ids" or name in _FLASH_KWARGS:
             continue
         if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (batch, length):
             value = pack(value, meta)  # input_ids, inputs_embeds, token_type_ids, ...
@@ -235,16 +350,41 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict):
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
             call["shift_labels"] = targets
-    fused = targets is not None and record.fused_loss and module.training
-    with attention.PackedForward(), compiling.memory_budget(record.memory_budget):
-        output = _fused_loss_call(module, call, targets) if fused else original(**call)
+    keep = call.pop("logits_to_keep", 0) if wrap.head else 0
+    head = None
+    if (targets is not None and module.training and not record.keep_logits) or keep:
+        head = _fusable_head(module)
+    with attention.PackedForward(), _NamedSeqpack(record), compiling.memory_budget(record.memory_budget):
+        if keep and head is not None:
+            return _kept_logits_call(module, head, call, meta, keep)
+        output = _fused_loss_call(module, head, call, targets) if head is not None else original(**call)
     output = _unpack_output(output, meta)
-    if return_dict is False:
-        return output.to_tuple()
+    if keep:  # a head of its own: all logits were computed, keep the last ``keep`` of each row
+        output["logits"] = output["logits"][:, -keep:]
     return output
 
 
-def _fused_loss_call(model: nn.Module, call: dict, targets: torch.Tensor):
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head, if the fused loss computes exactly what the model's forward would, now.
+
+    Decided at every call from the head that is there now: a PEFT adapter or trainable-token
+    wrapper added after patch(), a hook or a forward replaced on the head, all keep the model's
+    own loss. support.fused_loss_blocker reads the forward itself (cached per class).
+    """
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_children() if m is head), None)
+    if (
+        name is None
+        or type(head) is not nn.Linear
+        or head._forward_hooks
+        or head._forward_pre_hooks
+        or "forward" in head.__dict__
+    ):
+        return None
+    return head if fused_loss_blocker(type(model), name) is None else None
+
+
+def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: torch.Tensor):
     """The causal-LM forward with the loss fused into the LM head: no (T, V) logits, logits=None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -252,28 +392,68 @@ def _fused_loss_call(model: nn.Module, call: dict, targets: torch.Tensor):
     for name in ("labels", "shift_labels", "logits_to_keep"):
         call.pop(name, None)
     out = _base_model(model)(**call)
-    head = model.get_output_embeddings()
     hidden = out.last_hidden_state[0]  # (T, H)
     loss = linear_cross_entropy(hidden, head.weight, targets[0], head.bias, num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
 
 
+def _kept_logits_call(model: nn.Module, head: nn.Linear, call: dict, meta: VarlenMetadata, keep: int):
+    """``logits_to_keep=k`` (TRL's GRPO/RLOO log-probs): logits of the last k columns of each row.
+
+    Only the packed tokens that sit in those columns go through the head; the (B, k, V) logits
+    are zero where the padded batch has padding there, as every padded output of seqpack is.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = _base_model(model)(**call)
+    batch, length, total = meta.batch_size, meta.seq_len, meta.total
+    flat = meta.indices if meta.indices is not None else torch.arange(total, device=meta.cu_seqlens.device)
+    row, col = flat // length, flat % length  # (T,) where each packed token sat
+    kept = col >= length - keep  # (T,)
+    slot = (row * keep + col - (length - keep))[kept]  # (K,) its place in the (B * k) layout
+    logits = head(out.last_hidden_state[0][kept])  # (K, V)
+    padded = logits.new_zeros(batch * keep, logits.shape[-1]).index_copy(0, slot, logits)
+    hidden = tuple(unpack(h, meta) for h in out.hidden_states) if out.hidden_states is not None else None
+    return CausalLMOutputWithPast(logits=padded.view(batch, keep, -1), hidden_states=hidden)
+
+
 def _unpack_output(output, meta: VarlenMetadata):
-    if meta.indices is None:
-        return output
+    """Per-token outputs back in the padded layout: (1, T, ...) -> (B, L, ...); per-layer (T, ...)
+    tensors such as router logits -> (B * L, ...), as the unpatched model flattens them."""
     total = meta.total
+    flat = meta.batch_size * meta.seq_len
+
+    def back(value, in_tuple: bool):
+        if value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == total:
+            return unpack(value, meta)
+        if in_tuple and value.ndim == 2 and value.shape[0] == total and flat != total:
+            return unpack(value.unsqueeze(0), meta).reshape(flat, value.shape[1])
+        return value
+
     for key in list(output.keys()):
         value = output[key]
-        if (
-            isinstance(value, torch.Tensor)
-            and value.ndim >= 2
-            and value.shape[0] == 1
-            and value.shape[1] == total
-        ):
-            output[key] = unpack(value, meta)
-        elif key == "hidden_states" and isinstance(value, tuple):
-            output[key] = tuple(unpack(h, meta) for h in value)
+        if isinstance(value, torch.Tensor):
+            output[key] = back(value, in_tuple=False)
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            output[key] = tuple(back(v, in_tuple=True) for v in value)
     for name in _CACHE_NAMES:
         if name in output.keys():
             output[name] = None
+    return output
+
+
+def _zero_per_token(output, batch: int, length: int):
+    """Zeros for every (B, L, ...) output of an all-padding batch (padding positions are zero)."""
+
+    def zero(value):
+        is_token = (
+            isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (batch, length)
+        )
+        return torch.zeros_like(value) if is_token and value.is_floating_point() else value
+
+    if isinstance(output, tuple):
+        return type(output)(zero(v) for v in output)
+    for key in list(output.keys()):
+        value = output[key]
+        output[key] = tuple(zero(v) for v in value) if isinstance(value, tuple) else zero(value)
     return output

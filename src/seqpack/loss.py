@@ -10,7 +10,6 @@ counts exactly the tokens the unpatched model counts on the same padded batch (w
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -47,28 +46,6 @@ def shift_labels(
 
 
 # --------------------------------------------------------------------------- fused linear cross-entropy
-
-_UNFUSABLE_WORDS = ("softcap", "logit_scale", "logits_scaling", "aux_loss", "router", "temperature", "mtp")
-
-
-def fusable_head(model: torch.nn.Module) -> bool:
-    """Whether the causal-LM forward is the plain ``loss(lm_head(hidden))`` the fused loss replaces.
-
-    Decided by reading the forward: a head that scales or softcaps its logits, or adds an auxiliary
-    (MoE router) loss, keeps the model's own path with materialised logits.
-    """
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:  # e.g. a PEFT-wrapped head
-        return False
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return False
-    return (
-        "self.lm_head(" in source
-        and "self.loss_function(" in source
-        and not any(word in source for word in _UNFUSABLE_WORDS)
-    )
 
 
 def _chunk_size(vocab: int) -> int:

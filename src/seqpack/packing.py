@@ -24,12 +24,14 @@ class VarlenMetadata(NamedTuple):
 
     Attributes:
         indices: (T,) int64, flat positions of the real tokens in the (B * L) batch; None for an
-            input that arrived packed.
-        cu_seqlens: (B + 1,) int32, cumulative sequence lengths in the packed sequence.
+            input that arrived packed (every token real: the rows laid end to end, T = B * L).
+        cu_seqlens: (N + 1,) int32, cumulative lengths of the N packed sequences (N = B for a
+            padded batch; one per document for a packed one).
         max_seqlen: int, the longest sequence.
-        position_ids: (1, T) int64, positions of the packed tokens.
-        batch_size: B of the padded batch (1 for pre-packed input).
-        seq_len: L of the padded batch (T for pre-packed input).
+        position_ids: (..., 1, T) int64, positions of the packed tokens (leading dims for
+            multi-axis positions).
+        batch_size: B of the inputs.
+        seq_len: L of the inputs.
     """
 
     indices: torch.Tensor | None
@@ -65,18 +67,20 @@ def metadata_from_mask(
     device: torch.device,
     position_ids: torch.Tensor | None = None,
 ) -> VarlenMetadata:
-    """Pack a padded batch: real tokens of each row form one sequence.
+    """Pack a padded batch: the real tokens of each row form one sequence.
 
     Args:
-        attention_mask: (B, L) 0/1 of any dtype, or None for "every token is real". Real tokens of a
-            row must be contiguous (left padding, right padding, or both).
+        attention_mask: (B, L) 0/1 of any dtype, or None for "every token is real". Left padding,
+            right padding, or padding inside a row (PEFT's prompt tuning puts its virtual tokens
+            before the left padding): a row's real tokens are one sequence, in order.
         batch_size, seq_len: B and L of the inputs.
         device: where the inputs live.
-        position_ids: optional (B, L) or (1, L) positions given by the caller; gathered if given,
-            otherwise positions restart at 0 for each sequence.
+        position_ids: optional (..., B, L) or (..., 1, L) positions given by the caller (leading
+            dims for multi-axis positions); gathered if given, otherwise positions count the real
+            tokens of each row from 0 (as ``generate`` computes them from the mask).
 
     Returns:
-        VarlenMetadata. Raises ValueError for a mask that is not 0/1 or has holes.
+        VarlenMetadata. Raises ValueError for a mask that is not 0/1.
 
     Example:
         >>> m = metadata_from_mask(torch.tensor([[1, 1, 0], [1, 1, 1]]), 2, 3, torch.device("cpu"))
@@ -86,67 +90,74 @@ def metadata_from_mask(
     if attention_mask is None:
         mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
         bad_values = torch.zeros((), dtype=torch.long, device=device)
+        largest = torch.ones((), dtype=torch.long, device=device)
     else:
         bad_values = ((attention_mask != 0) & (attention_mask != 1)).sum()
+        largest = attention_mask.max().long()
         mask = attention_mask != 0  # (B, L) bool
     seqlens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    # A row is one contiguous block iff it has at most one 0 -> 1 rising edge.
-    rises = (mask & ~F.pad(mask[:, :-1], (1, 0), value=False)).sum(dim=1)
-    holes = (rises > 1).sum()
-    total, max_seqlen, n_bad, n_holes = torch.stack(
-        [seqlens.sum().long(), seqlens.max().long(), bad_values, holes]
+    total, max_seqlen, n_bad, top = torch.stack(
+        [seqlens.sum().long(), seqlens.max().long(), bad_values, largest]
     ).tolist()  # the one host sync of a forward
     if n_bad:
+        segments = (
+            " It looks like a segment-id mask (1, 2, 3 ... per document), which transformers does not read either: pack the documents with position_ids restarting at 0 per document and no attention_mask (DataCollatorWithFlattening)."
+            if top > 1
+            else ""
+        )
         raise ValueError(
             "attention_mask must hold only 0 and 1 (1 = real token, 0 = padding); "
-            f"found {n_bad} other values. Pass a padding mask, not an additive or weighted mask."
-        )
-    if n_holes:
-        raise ValueError(
-            f"attention_mask has padding inside a sequence in {n_holes} row(s): the real tokens of each "
-            "row must be contiguous (left or right padding). To feed several sequences in one row, "
-            "pack them with position_ids restarting at 0 and no attention_mask."
+            f"found {n_bad} other values. Pass a padding mask, not an additive or weighted mask.{segments}"
         )
     indices = _nonzero(mask.flatten(), total)  # (T,)
     cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
     if position_ids is None:
-        packed_pos = _restarting_positions(cu_seqlens, total)  # (T,)
+        packed_pos = _restarting_positions(cu_seqlens, total).unsqueeze(0)  # (1, T)
     else:
-        packed_pos = position_ids.expand(batch_size, seq_len).reshape(-1)[indices]
-    return VarlenMetadata(indices, cu_seqlens, max_seqlen, packed_pos.unsqueeze(0), batch_size, seq_len)
+        lead = position_ids.shape[:-2]
+        flat = position_ids.expand(*lead, batch_size, seq_len).reshape(*lead, batch_size * seq_len)
+        packed_pos = flat[..., indices].unsqueeze(-2)  # (..., 1, T)
+    return VarlenMetadata(indices, cu_seqlens, max_seqlen, packed_pos, batch_size, seq_len)
 
 
 def metadata_from_packed(
-    total: int,
+    batch_size: int,
+    seq_len: int,
     device: torch.device,
     *,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> VarlenMetadata:
-    """Read the sequences of an already packed (1, T) batch.
+    """Read the documents of a batch that arrived packed: every token real, no mask.
 
-    This is the format of transformers' DataCollatorWithFlattening and TRL's padding-free collator:
-    ``position_ids`` restarting per sequence, and optionally the flash kwargs (``cu_seqlens``,
-    ``max_seqlen``), which are used as given. Whatever is missing is derived from the rest.
+    This is the format of transformers' DataCollatorWithFlattening and TRL's padding-free collator
+    (one row, B = 1), and of collators that pack several documents into each of B rows:
+    ``position_ids`` restarting per document, and optionally the flash kwargs (``cu_seqlens``,
+    ``max_seqlen``, one row only), which are used as given. The rows are laid end to end.
 
     Args:
-        total: T.
-        position_ids: (1, T) int; a sequence starts wherever positions do not step by one
-            (transformers' own rule, so both read the same sequences).
-        cu_seqlens: (N + 1,) int.
+        batch_size, seq_len: B and L of the inputs (T = B * L).
+        position_ids: (B, L) or (1, L) int; a document starts at each row start and wherever
+            positions do not step by one (transformers' own rule, so both read the same documents).
+        cu_seqlens: (N + 1,) int, for B = 1.
         max_seqlen: int.
 
     Example:
-        >>> m = metadata_from_packed(5, torch.device("cpu"), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+        >>> m = metadata_from_packed(1, 5, torch.device("cpu"), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
         >>> m.cu_seqlens.tolist(), m.max_seqlen
         ([0, 3, 5], 3)
     """
+    total = batch_size * seq_len
     if cu_seqlens is None:
-        pos = position_ids.reshape(-1)
-        starts = torch.ones_like(pos, dtype=torch.bool)
-        starts[1:] = pos[1:] - pos[:-1] != 1
-        cu_seqlens = torch.cat([starts.nonzero().flatten(), pos.new_tensor([total])])  # host sync
+        pos = position_ids.expand(batch_size, seq_len)
+        starts = torch.ones_like(pos, dtype=torch.bool)  # (B, L)
+        starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+        bounds = torch.cat([starts.flatten().nonzero().flatten(), pos.new_tensor([total])])  # (N + 1,)
+        offsets = bounds.tolist()  # the one host sync: the number of documents and the longest
+        longest = max(b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+        cu_seqlens = bounds.to(device=device, dtype=torch.int32)
+        return VarlenMetadata(None, cu_seqlens, longest, pos.reshape(1, -1), batch_size, seq_len)
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).reshape(-1)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seq_lens_q must hold N + 1 >= 2 offsets; got {cu_seqlens.tolist()}.")
@@ -169,22 +180,24 @@ def metadata_from_packed(
         )
     if position_ids is None:
         position_ids = _restarting_positions(cu_seqlens, total)
-    return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids.reshape(1, -1), 1, total)
+    else:
+        position_ids = position_ids.expand(batch_size, seq_len)
+    return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids.reshape(1, -1), batch_size, seq_len)
 
 
 def pack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
-    """(B, L, ...) -> (1, T, ...): keep the real tokens, in order."""
-    if meta.indices is None:
-        return x
+    """(B, L, ...) -> (1, T, ...): keep the real tokens, in order (every token: rows end to end)."""
     flat = x.reshape(meta.batch_size * meta.seq_len, *x.shape[2:])
+    if meta.indices is None:
+        return flat.unsqueeze(0)
     return flat.index_select(0, meta.indices).unsqueeze(0)
 
 
 def unpack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
     """(1, T, ...) -> (B, L, ...): real tokens back in place, zeros at padding."""
-    if meta.indices is None:
-        return x
     rest = x.shape[2:]
+    if meta.indices is None:
+        return x.reshape(meta.batch_size, meta.seq_len, *rest)
     out = x.new_zeros(meta.batch_size * meta.seq_len, *rest)
     out = out.index_copy(0, meta.indices, x[0])
     return out.view(meta.batch_size, meta.seq_len, *rest)

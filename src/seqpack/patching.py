@@ -6,30 +6,39 @@
   Whoever calls the backbone (a classification head, TRL's fused LM head) gets packing;
 - a causal LM's own forward is wrapped as well, so its LM head and loss run on the packed real
   tokens only (a pre-packed call then passes through the backbone's wrapper untouched);
-- the model gets config objects of its own, which name the ``"seqpack"`` attention function;
-  each attention module gets its ``LayerPlan``; decoder layers are compiled in place.
-Everything is recorded on the instance and undone by ``unpatch``. State-dict keys never change.
+- each attention module, and each module inside the decoder layers, sees its config through a
+  *view* (``_config_view``): the same attributes, shared, except that the attention
+  implementation reads ``"seqpack"``. The model's own config objects are never changed at rest,
+  so ``model.config._attn_implementation`` still names the original implementation, and a
+  reference model that TRL builds from it, or any ``from_config`` copy, computes exactly as
+  the unpatched model. Only while a packed forward runs do the configs name ``"seqpack"`` (so
+  transformers builds no mask: forward.py);
+- each attention module gets its ``LayerPlan`` (kernel, and the window its own mask gives it,
+  read by support.mask_patterns); decoder layers are compiled in place.
+Everything is recorded on the instance and undone by ``unpatch``, which keeps whatever the user
+changed in the configs since. State-dict keys never change.
 Which models can be packed at all is support.py's question.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import warnings
 
 from torch import nn
 
 from . import attention
 from . import compile as compiling
-from .forward import _Record, _unwrap_forward, _wrap
-from .loss import fusable_head
+from .forward import _Record, _unwrap_forward, _wrap, mask_reason, plan_attention
 from .support import (
     UnsupportedModelError,
     _base_model,
     _decoder_layers,
     _is_causal_lm,
+    _is_config,
     _text_config,
     _uses_attention_interface,
+    mask_patterns,
     unsupported_reason,
 )
 
@@ -38,27 +47,64 @@ __all__ = ["UnsupportedModelError", "is_patched", "patch", "unpatch"]
 _RECORD = "_seqpack_record"
 
 
-def _private_configs(model: nn.Module) -> list:
-    """Give the model config objects of its own before patch() changes them.
+# --------------------------------------------------------------------------- config views
 
-    ``from_config`` and friends may hand one config object to several models (a policy and its
-    reference, say); naming seqpack's attention in a shared config would reroute the other,
-    unpatched model too. Returns (module, previous config) pairs so unpatch can put them back.
-    """
-    old_top = model.config
-    new_top = copy.deepcopy(old_top)
-    mapping = {id(old_top): new_top}
-    for key in getattr(old_top, "sub_configs", {}) or {}:
-        old_sub, new_sub = getattr(old_top, key, None), getattr(new_top, key, None)
-        if old_sub is not None and new_sub is not None:
-            mapping[id(old_sub)] = new_sub
-    swapped = []
-    for module in model.modules():
+
+@functools.cache
+def _view_class(cls: type) -> type:
+    """A subclass of a config class whose ``_attn_implementation`` reads ``"seqpack"``."""
+
+    def read(self):
+        return attention.ATTN_NAME
+
+    def write(self, value):  # goes to the shared attributes, i.e. to the real config
+        cls._attn_implementation.fset(self, value)
+
+    def reduce(self, protocol):  # deepcopy / pickle: a view of the copied real config
+        return _config_view, (self._seqpack_real,)
+
+    namespace = {
+        "__slots__": ("_seqpack_real",),  # not in __dict__, which is the real config's
+        "_attn_implementation": property(read, write),
+        "__reduce_ex__": reduce,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _config_view(config):
+    """``config`` seen through a view: its very ``__dict__`` (edits on either side are shared)."""
+    view = object.__new__(_view_class(type(config)))
+    object.__setattr__(view, "__dict__", config.__dict__)
+    object.__setattr__(view, "_seqpack_real", config)
+    return view
+
+
+def _real_config(config):
+    return getattr(config, "_seqpack_real", config)
+
+
+# --------------------------------------------------------------------------- what patch() changes
+
+
+def _install_views(record: _Record, target: nn.Module, base: nn.Module) -> None:
+    inside_layers = {id(m) for m in record.layers.modules()}
+    for module in base.modules():
         config = module.__dict__.get("config")
-        if config is not None and id(config) in mapping:
-            swapped.append((module, config))
-            module.config = mapping[id(config)]
-    return swapped
+        if _is_config(config) and (id(module) in inside_layers or _uses_attention_interface(module)):
+            module.__dict__["config"] = _config_view(config)
+            record.views.append((module, config))
+    configs = {}
+    for module in target.modules():
+        config = module.__dict__.get("config")
+        if _is_config(config):
+            real = _real_config(config)
+            configs[id(real)] = real
+    record.configs = list(configs.values())
+
+
+# --------------------------------------------------------------------------- public API
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -91,9 +137,10 @@ def patch(
             or ``"reference"``. A named backend that is not available raises ImportError with a hint.
         compile: compile each decoder layer in place (one graph for every batch shape).
         keep_logits: a causal LM in training with labels computes its loss without materialising
-            the (tokens x vocab) logits and returns ``logits=None`` (when its head is a plain
-            linear layer); pass True when your training code reads the logits anyway, e.g. a
-            token-accuracy metric of your own. TRL >= 1.0 computes its metrics without them.
+            the (tokens x vocab) logits and returns ``logits=None`` (when its logits are exactly
+            its linear head applied to the last hidden state); pass True when your training code
+            reads the logits anyway, e.g. a token-accuracy metric of your own. TRL >= 1.0
+            computes its metrics without them.
         memory_budget: activation-memory budget in [0, 1] for the compiled layers (recompute
             instead of store below 1.0); None leaves torch's default. Needs ``compile=True``.
         strict: raise ``UnsupportedModelError`` for a model that cannot be packed exactly;
@@ -121,6 +168,10 @@ def patch(
         raise ValueError("memory_budget applies to seqpack's compiled layers: pass compile=True with it.")
     model_type = getattr(target.config, "model_type", type(target).__name__)
     reason = unsupported_reason(target)
+    base, text_config = _base_model(target), _text_config(target)
+    layers = _decoder_layers(base, getattr(text_config, "num_hidden_layers", None))
+    patterns = mask_patterns(base, layers) if reason is None else None
+    reason = reason or mask_reason(patterns, layers, text_config)
     if reason is not None:
         message = (
             f"seqpack cannot pack model_type {model_type!r} ({type(target).__name__}) exactly: {reason}."
@@ -131,33 +182,21 @@ def patch(
         return model
     chosen = attention.resolve_backend(backend)
     attention.register()
-    record = _Record(
-        backend=chosen,
-        fused_loss=not keep_logits and fusable_head(target),
-        memory_budget=memory_budget,
-    )
-    record.config_owners = _private_configs(target)
-    base, causal_lm = _base_model(target), _is_causal_lm(target)
-    for module in base.modules():
-        if _uses_attention_interface(module) and hasattr(module, "config"):
-            setattr(module, attention.PLAN_ATTR, attention.plan(chosen, module.config._attn_implementation))
-            record.attention_modules.append(module)
-    configs = {id(m.config): m.config for m in record.attention_modules}
-    base_config = base.config  # mask creation in the base model reads this one
-    configs.setdefault(id(base_config), base_config)
-    for config in configs.values():
-        record.configs.append((config, config._attn_implementation))
-        config._attn_implementation_internal = attention.ATTN_NAME
+    record = _Record(backend=chosen, keep_logits=keep_logits, memory_budget=memory_budget, layers=layers)
+    record.attention_modules = [
+        m for m in base.modules() if _uses_attention_interface(m) and hasattr(m, "config")
+    ]
+    plan_attention(record, patterns)
+    _install_views(record, target, base)
     if compile:
         if not compiling.can_compile():
             raise RuntimeError("compile=True needs torch.compile; pass compile=False.")
-        text_config = _text_config(target)
-        layers = _decoder_layers(base, getattr(text_config, "num_hidden_layers", None))
         record.compiled = compiling.compile_layers(layers)
     # The backbone is always wrapped, so whoever calls it (a head, TRL's fused LM head) gets
     # packing. A causal LM's own forward is wrapped too, so its LM head and loss run on real tokens
     # only, unless a framework already replaced it on the instance: then that forward is left to
     # call the backbone with the padded batch it expects.
+    causal_lm = _is_causal_lm(target)
     if base is target:  # no separate backbone module (or the bare base model itself)
         _wrap(target, record, head=causal_lm)
     else:
@@ -169,17 +208,20 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: the original forward and attention implementation, exactly."""
+    """Undo ``patch``: the original forwards, configs and layers, exactly.
+
+    Nothing of the configs is restored from a copy: the views share their attributes with the
+    real configs, so what was changed while patched (``resize_token_embeddings``, ``use_cache``)
+    stays changed.
+    """
     target = _unwrap(model)
     record = target.__dict__.pop(_RECORD, None)
     if record is None:
         return model
     for module in record.wrapped:
         _unwrap_forward(module)
-    for config, impl in record.configs:
-        config._attn_implementation_internal = impl
-    for module, config in record.config_owners:
-        module.config = config
+    for module, config in record.views:
+        module.__dict__["config"] = config
     for module in record.attention_modules:
         module.__dict__.pop(attention.PLAN_ATTR, None)
     compiling.uncompile(record.compiled)

@@ -1,8 +1,14 @@
 """Which models seqpack can pack exactly, and why not.
 
 Decided by looking at the model: its config, layer types, modules, forward signatures and call
-sites. ``_EXCEPTIONS`` holds the few types that pass those checks and are still wrong, each found
-by tests/test_sweep.py. Imports nothing of seqpack.
+sites; ``_EXCEPTIONS`` holds the few types that pass those checks and are still wrong, each found
+by tests/test_sweep.py. Two questions are answered by reading what the model really computes:
+- ``mask_patterns``: which causal pattern (full, or a sliding window of W tokens) each decoder
+  layer's attention mask describes, read from the model's own mask code in a probe forward. Some
+  models apply their window only through the mask and never tell the attention function;
+- ``fused_loss_blocker``: whether a causal LM's logits are exactly its output embedding applied to
+  the last hidden state, so that the fused loss computes the same function.
+Imports nothing of seqpack.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import functools
 import inspect
 import re
 import textwrap
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -202,4 +210,269 @@ def unsupported_reason(model: nn.Module) -> str | None:
         )
     if not _takes_var_kwargs(type(model).forward):
         return f"{type(model).__name__}.forward takes no **kwargs, so the packing metadata cannot reach attention"
+    return None
+
+
+# --------------------------------------------------------------------------- the mask each layer gets
+
+_PROBE = "seqpack_probe"  # the mask-interface name the probe forward runs under
+_FAR = 1 << 20  # a query position far beyond any window, to read a mask function's pattern at
+
+
+@dataclass(frozen=True)
+class MaskPattern:
+    """A causal attention pattern: each query sees itself and the ``window - 1`` tokens before it
+    (``window=None``: every earlier token), as transformers' ``sliding_window`` means it."""
+
+    window: int | None
+
+
+def _decode(mask_function, length: int) -> MaskPattern | str:
+    """Read a transformers mask function (batch, head, q, kv) -> bool as a pattern, or say why not.
+
+    Evaluated at a few far-apart query positions: a causal sliding window is the same at every
+    one; a chunked, prefix or bidirectional pattern is not. A mask function that indexes per-token
+    tensors of the probe (its token types, say) is read on the probe's own ``length`` tokens instead.
+    """
+    zero = torch.tensor(0)
+
+    def sees(q: int, kv: int) -> bool:
+        return bool(mask_function(zero, zero, torch.tensor(q), torch.tensor(kv)))
+
+    def window_at(q: int) -> int | None:
+        if sees(q, 0):
+            return None
+        lo, hi = 1, q  # sees(q, q - lo) holds, sees(q, q - hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if sees(q, q - mid) else (lo, mid)
+        return hi
+
+    try:
+        queries = (_FAR, _FAR // 3 + 7)
+        if any(not sees(q, q) or sees(q, q + 1) for q in queries):
+            return _NOT_CAUSAL
+        windows = {window_at(q) for q in queries}
+        window = windows.pop() if len(windows) == 1 else -1
+        if window is not None and (
+            window == -1 or any(not sees(q, q - window + 1) for q in (window, 3 * window))
+        ):
+            return _NOT_ONE_WINDOW
+        return MaskPattern(window)
+    except IndexError:
+        pass
+    try:
+        pos = torch.arange(length)
+        seen = mask_function(zero, zero, pos[:, None], pos[None, :]).expand(length, length).cpu()
+    except Exception as err:  # noqa: BLE001 -- a mask function seqpack cannot evaluate
+        return f"its attention mask could not be read ({type(err).__name__}: {err})"
+    distance = pos[:, None] - pos[None, :]  # (length, length) q - kv
+    for window in (None, *range(1, length)):
+        if torch.equal(seen, (distance >= 0) & (distance < (window or length))):
+            return MaskPattern(window)
+    return _NOT_CAUSAL if (seen & (distance < 0)).any() else _NOT_ONE_WINDOW
+
+
+_NOT_CAUSAL = "its attention mask is not causal (a token sees later tokens, or not itself)"
+_NOT_ONE_WINDOW = (
+    "its attention mask is neither full causal nor one sliding window (chunked or prefix attention)"
+)
+
+
+def _probe_mask(*, mask_function, kv_length: int, **_):
+    """The mask interface the probe forward runs under: reads the pattern, returns a marker."""
+    marker = torch.zeros(1, 1, 1, 1, dtype=torch.bool)  # a tensor, for model code that looks at it
+    _probe_markers[marker.data_ptr()] = (marker, _decode(mask_function, kv_length))
+    return marker
+
+
+_probe_markers: dict = {}
+
+
+def _found_pattern(values) -> MaskPattern | str | None:
+    for value in values:
+        if isinstance(value, dict):
+            value = next(iter(value.values()), None)
+        if isinstance(value, torch.Tensor) and value.data_ptr() in _probe_markers:
+            return _probe_markers[value.data_ptr()][1]
+    return None
+
+
+def mask_patterns(base: nn.Module, layers: nn.ModuleList) -> list[MaskPattern | str | None] | None:
+    """The pattern of the attention mask each decoder layer receives, from the model's own code.
+
+    One probe forward of the backbone on a few tokens (twice the configured sliding window, so a
+    mask read on the probe's own tokens shows its window), with every decoder layer replaced by the
+    identity: the mask code runs exactly as the model wrote it (which creator, which window, for
+    which layer type), under a mask interface that reads each mask function instead of building
+    a mask. Costs microseconds of model time; nothing of the model is changed after it.
+
+    Returns:
+        One entry per layer: a ``MaskPattern``, a reason (str) when the mask is no causal pattern,
+        or None when no mask reached that layer (the model makes none, or passes it on changed).
+        None as a whole when the model cannot run here yet (meta tensors) or the probe failed.
+    """
+    from transformers import AttentionMaskInterface
+
+    embeddings = base.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return None
+    AttentionMaskInterface.register(_PROBE, _probe_mask)
+    configs = {id(c): c for m in base.modules() if _is_config(c := m.__dict__.get("config"))}
+    saved_impl = {key: c._attn_implementation_internal for key, c in configs.items()}
+    saved_modes = [(m, m.training) for m in base.modules()]
+    found: list = [None] * len(layers)
+
+    def stub(index):
+        def forward(*args, **kwargs):
+            found[index] = _found_pattern([*args, *kwargs.values()])
+            return args[0] if args else kwargs["hidden_states"]
+
+        return forward
+
+    saved_calls = [(layer, layer.__dict__.get("forward"), layer._compiled_call_impl) for layer in layers]
+    try:
+        for config in configs.values():
+            config._attn_implementation_internal = _PROBE
+        for index, layer in enumerate(layers):
+            layer.forward = stub(index)
+            layer._compiled_call_impl = None
+        base.eval()
+        window = getattr(_config_of(base), "sliding_window", None)
+        length = 2 * window + 8 if isinstance(window, int) else 8
+        tokens = torch.full((1, length), min(3, embeddings.num_embeddings - 1), device=weight.device)
+        with torch.no_grad():
+            type(base).forward(base, input_ids=tokens, use_cache=False)
+    except Exception:  # noqa: BLE001 -- a backbone that needs more inputs: fall back to the kwargs
+        return None
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation_internal = saved_impl[key]
+        for layer, forward, compiled in saved_calls:
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
+            layer._compiled_call_impl = compiled
+        for module, mode in saved_modes:
+            module.training = mode
+        _probe_markers.clear()
+    return found
+
+
+def _config_of(base: nn.Module):
+    config = base.config
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def _is_config(value) -> bool:
+    return hasattr(value, "_attn_implementation_internal") and hasattr(value, "to_dict")
+
+
+# --------------------------------------------------------------------------- the fused loss
+
+# Words in a causal LM's forward that mean its logits are not the plain head output, or that
+# another loss joins the cross-entropy.
+_UNFUSABLE_WORDS = ("softcap", "logit_scale", "logits_scaling", "aux_loss", "router", "temperature", "mtp")
+
+
+def _is_self_attr(node, name: str) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == name and ast.unparse(node.value) == "self"
+
+
+def _is_keep_slice(node) -> bool:
+    return isinstance(node, ast.Call) and ast.unparse(node.func) == "slice_logits_to_keep" and bool(node.args)
+
+
+def _is_last_hidden(node) -> bool:
+    """``outputs.last_hidden_state``, ``outputs[0]`` (either, by ``return_dict``), or a logits_to_keep slice."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "last_hidden_state" and isinstance(node.value, ast.Name)
+    if isinstance(node, ast.Subscript):
+        index = node.slice
+        return isinstance(node.value, ast.Name) and isinstance(index, ast.Constant) and index.value == 0
+    if isinstance(node, ast.IfExp):
+        return _is_last_hidden(node.body) and _is_last_hidden(node.orelse)
+    return _is_keep_slice(node) and _is_last_hidden(node.args[0])
+
+
+def _is_slice_of(node, name: str) -> bool:
+    """``name`` itself, or a logits_to_keep slice of it (``h[:, slice_indices, :]``)."""
+    if isinstance(node, ast.Name):
+        return node.id == name
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.value, ast.Name) and node.value.id == name
+    return _is_keep_slice(node) and _is_slice_of(node.args[0], name)
+
+
+@functools.cache
+def fused_loss_blocker(cls: type, head: str) -> str | None:
+    """Why ``cls.forward`` is not exactly ``self.loss_function(self.<head>(last hidden state))``.
+
+    Read from the forward's source as data flow: ``self.<head>`` is called once, on the backbone's
+    last hidden state (``outputs.last_hidden_state``, ``outputs[0]``, or a ``logits_to_keep`` slice),
+    its result is assigned once and never changed, and that is what ``self.loss_function`` gets.
+    A head wrapped in another module (ModernBERT-decoder's ``self.decoder(self.lm_head(h))``),
+    scaled or capped logits, scaled hidden states and extra losses all fail it. None: fusable.
+    """
+    source = _source(cls.forward)
+    if not source:
+        return "its forward has no readable source"
+    words = [w for w in _UNFUSABLE_WORDS if w in source]
+    if words:
+        return f"its forward mentions {words[0]!r} (scaled or capped logits, or another loss)"
+    tree = ast.parse(source)
+    assigned: dict = {}
+    changed: set = set()
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) else ():
+            if isinstance(target, ast.Name):
+                if isinstance(node, ast.AugAssign):
+                    changed.add(target.id)
+                elif node.value is not None:
+                    assigned.setdefault(target.id, []).append(node.value)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self_attr(n.func, head)]
+    if len(calls) != 1:
+        return f"its forward calls self.{head} {len(calls)} times"
+    call = calls[0]
+
+    def is_head_output(value) -> bool:  # the call itself, or .float() / .contiguous() of it
+        if value is call:
+            return True
+        return (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Attribute)
+            and value.func.attr in ("float", "contiguous")
+            and not value.args
+            and value.func.value is call
+        )
+
+    logits = [name for name, values in assigned.items() if any(is_head_output(v) for v in values)]
+    if len(logits) != 1 or len(assigned[logits[0]]) != 1 or logits[0] in changed:
+        return f"the output of self.{head} is transformed before the loss"
+    if len(call.args) != 1 or call.keywords:
+        return f"self.{head} is called with more than the hidden states"
+    arg = call.args[0]
+    hidden = next((n.id for n in ast.walk(arg) if isinstance(n, ast.Name)), None)
+    values = assigned.get(hidden, [])
+    if (
+        hidden is None
+        or hidden in changed
+        or not _is_slice_of(arg, hidden)
+        or not any(_is_last_hidden(v) for v in values)
+        or not all(_is_last_hidden(v) or _is_slice_of(v, hidden) for v in values)
+    ):
+        return f"self.{head} is not applied to the backbone's last hidden state as it is"
+
+    def is_loss_of_logits(node) -> bool:
+        if not (isinstance(node, ast.Call) and _is_self_attr(node.func, "loss_function")):
+            return False
+        given = [k.value for k in node.keywords if k.arg == "logits"] or node.args[:1]
+        return bool(given) and isinstance(given[0], ast.Name) and given[0].id == logits[0]
+
+    if not any(is_loss_of_logits(n) for n in ast.walk(tree)):
+        return "its loss is not self.loss_function(logits, labels, ...)"
     return None

@@ -1,0 +1,393 @@
+"""Exact on every path users take: each test here failed on an earlier main (issues 9 and 16).
+
+What a config copied from a patched model builds, whole-model compile, the default fused loss on
+heads that are not a plain linear layer, adapters added after patch(), every way a batch can say
+where its sequences are, outputs a caller can receive, unpatch after config edits, bad input.
+The reference is always the unpatched model (or each sequence run alone).
+"""
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+from helpers import grads, padded_batch, tiny_llama
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from seqpack import attention, is_patched, patch, unpatch
+
+LENGTHS = [7, 1, 13, 10]
+L = 13
+EAGER = {"compile": False}  # the default fused loss, eager layers
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out, grads(model)
+
+
+def _assert_same_grads(new, ref, rtol=1e-4, atol=1e-6):
+    assert new.keys() == ref.keys() and ref
+    for name in ref:
+        assert_close(new[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+# --------------------------------------------------------------------------- what a copied config builds
+
+
+def test_config_names_the_original_attention_at_rest(tmp_path):
+    """TRL builds reference models with attn_implementation=model.config._attn_implementation."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    patch(model, **EAGER)
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=model.config._attn_implementation
+    ).train()
+    copied = AutoModelForCausalLM.from_config(model.config).train()
+    copied.load_state_dict(reference.state_dict())
+    truth = tiny_llama()
+    real = mask.bool()
+    with torch.no_grad():
+        expected = truth(input_ids=ids, attention_mask=mask).logits[real]
+        for other in (reference, copied):
+            assert not is_patched(other)
+            assert_close(other(input_ids=ids, attention_mask=mask).logits[real], expected)
+        single = ids[2:3, :13]  # one unpadded row: it was wrong even there
+        assert_close(reference(input_ids=single).logits, truth(input_ids=single).logits)
+
+
+def test_unpatched_model_asking_for_seqpack_attention_is_refused():
+    model = AutoModelForCausalLM.from_config(tiny_llama().config)  # registers nothing by itself
+    patch(tiny_llama(), **EAGER)  # registers "seqpack" with transformers
+    model.config._attn_implementation = attention.ATTN_NAME
+    with pytest.raises(RuntimeError, match="not patched"):
+        model(*padded_batch(LENGTHS, L)[:2])
+
+
+# --------------------------------------------------------------------------- whole-model compile
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile", "compile-then-patch"])
+def test_whole_model_compile_matches(how):
+    torch._dynamo.reset()
+    reference, model = tiny_llama(), tiny_llama()
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    if how == "compile-then-patch":
+        model.compile(backend="aot_eager")
+        patch(model, compile=True)
+        run = model
+    else:
+        patch(model, compile=True)
+        if how == "torch.compile":
+            run = torch.compile(model, backend="aot_eager")
+        else:
+            model.compile(backend="aot_eager")
+            run = model
+    ref, ref_grads = _loss_and_grads(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    out = run(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(grads(model), ref_grads)  # model: the compiled wrapper prefixes _orig_mod.
+
+
+def test_trainer_torch_compile(tmp_path):
+    """TrainingArguments(torch_compile=True) compiles the whole patched model."""
+    from test_frameworks import _args, _assert_same_run, _lm_dataset, _logged, _tokenizer
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    def run(patch_it):
+        torch._dynamo.reset()
+        model = tiny_llama()
+        if patch_it:
+            patch(model)
+        args = _args(tmp_path=tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
+        collator = DataCollatorForLanguageModeling(_tokenizer(), mlm=False)
+        trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset(), data_collator=collator)
+        trainer.train()
+        return _logged(trainer, "loss"), model
+
+    ref_logs, reference = run(False)
+    new_logs, patched = run(True)
+    _assert_same_run(ref_logs, new_logs, reference, patched)
+
+
+# --------------------------------------------------------------------------- the default fused loss
+
+
+def _tiny(model_type, **overrides):
+    """tiny_models' model of a type, with config overrides, in train mode."""
+    from tiny_models import tiny_config
+
+    config = tiny_config(model_type)
+    values = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived again
+    config = type(config)(**{**values, **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+def test_fused_loss_skips_a_head_that_is_not_the_output_embedding_alone():
+    """ModernBERT-decoder's logits are self.decoder(self.lm_head(h)): the default loss must be its own."""
+    reference = _tiny("modernbert-decoder")
+    model = patch(copy.deepcopy(reference), **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L, vocab=reference.config.vocab_size)
+    ref, ref_grads = _loss_and_grads(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    out, new_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert any(name.startswith("lm_head.") for name in new_grads)  # the prediction head learns
+    _assert_same_grads(new_grads, ref_grads, atol=1e-5)
+
+
+def test_lora_on_lm_head_added_after_patch():
+    """SFTTrainer(peft_config=...) on a model patched first: the adapter on lm_head is in the loss."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    reference = peft.get_peft_model(tiny_llama(), config)
+    model = patch(tiny_llama(), **EAGER)
+    model = peft.get_peft_model(model, copy.deepcopy(config))
+    model.load_state_dict(reference.state_dict())
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    ref, ref_grads = _loss_and_grads(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    out, new_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert any("lm_head.lora_A" in name for name in new_grads)
+    _assert_same_grads(new_grads, ref_grads)
+
+
+def test_trainable_tokens_on_tied_embeddings_added_after_patch():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    reference = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), config)
+    model = patch(tiny_llama(tie_word_embeddings=True), **EAGER)
+    model = peft.get_peft_model(model, copy.deepcopy(config))
+    model.load_state_dict(reference.state_dict())
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    ref, ref_grads = _loss_and_grads(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    out, new_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(new_grads, ref_grads)
+
+
+# --------------------------------------------------------------------------- what a batch means
+
+
+def _documents(lengths_per_row, vocab=128, seed=0):
+    """Rows of several documents each, positions restarting per document, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    rows, positions = [], []
+    for lengths in lengths_per_row:
+        rows.append(torch.randint(3, vocab, (sum(lengths),), generator=g))
+        positions.append(torch.cat([torch.arange(n) for n in lengths]))
+    return torch.stack(rows), torch.stack(positions)
+
+
+def test_several_documents_per_row_with_more_than_one_row():
+    """Restarting position_ids and no mask mark documents in any row, as transformers reads them."""
+    reference, model = tiny_llama(), patch(tiny_llama(), compile=False, keep_logits=True)
+    layout = [[5, 3, 4], [2, 8, 2], [12]]
+    ids, positions = _documents(layout)
+    labels = ids.masked_fill(positions == 0, -100)  # what flattening collators put at document starts
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=positions, labels=labels)
+        ref = reference(input_ids=ids, position_ids=positions, labels=labels, use_cache=False)
+    assert out.logits.shape == ids.shape + (128,)
+    assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    truth, targets = [], []
+    for row, lengths in enumerate(layout):
+        start = 0
+        for n in lengths:  # each document alone
+            with torch.no_grad():
+                alone = reference(input_ids=ids[row : row + 1, start : start + n]).logits[0]
+            assert_close(out.logits[row, start : start + n], alone, rtol=1e-4, atol=1e-5)
+            truth.append(alone[:-1])
+            targets.append(ids[row, start + 1 : start + n])
+            start += n
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    # With labels at the document starts too, the last token of a document is never asked to
+    # predict the next document's first token (transformers' row-wise shift would count it).
+    with torch.no_grad():
+        everything = model(input_ids=ids, position_ids=positions, labels=ids.clone()).loss
+    per_document = torch.nn.functional.cross_entropy(torch.cat(truth), torch.cat(targets))
+    assert_close(everything, per_document, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rows_meaning_does_not_depend_on_the_batch_size():
+    """An all-ones mask with positions that do not step by one: one sequence, in B = 1 as in B = 2."""
+    reference, model = tiny_llama(), patch(tiny_llama(), **EAGER)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]).expand(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        for rows in (slice(0, 1), slice(0, 2)):
+            batch = dict(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows])
+            assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("phimoe", {"sliding_window": 4}), ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4})],
+    ids=["phimoe", "qwen2_moe"],
+)
+def test_windows_that_reach_attention_only_through_the_mask(model_type, overrides):
+    reference = _tiny(model_type, **overrides)
+    model = patch(copy.deepcopy(reference), keep_logits=True, compile=False)
+    plans = {
+        getattr(m, attention.PLAN_ATTR).window for m in model.modules() if hasattr(m, attention.PLAN_ATTR)
+    }
+    assert 4 in plans
+    ids, mask, labels = padded_batch([11, 5, 16, 1], 16, vocab=reference.config.vocab_size)
+    real = mask.bool()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+        ref = reference(input_ids=ids, attention_mask=mask).logits
+    assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_tuning_with_left_padding_is_one_sequence_per_row():
+    """PEFT puts its virtual tokens before the left padding; they belong to the row's sequence."""
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    reference = peft.get_peft_model(tiny_llama(), config)
+    model = peft.get_peft_model(patch(tiny_llama(), **EAGER), copy.deepcopy(config))
+    model.load_state_dict(reference.state_dict())
+    right = padded_batch(LENGTHS, L)
+    left = [torch.zeros_like(right[0]), torch.zeros_like(right[1])]  # the same tokens, padded left
+    for row, n in enumerate(LENGTHS):
+        left[0][row, L - n :], left[1][row, L - n :] = right[0][row, :n], 1
+    with torch.no_grad():
+        for row, n in enumerate(LENGTHS):
+            packed_left = model(input_ids=left[0], attention_mask=left[1]).logits[row, -n:]
+            truth = reference(input_ids=right[0], attention_mask=right[1]).logits[row, 3 : 3 + n]
+            assert_close(packed_left, truth, rtol=1e-4, atol=1e-5)
+
+
+def test_router_logits_come_back_in_the_padded_layout():
+    reference = _tiny("qwen3_moe")
+    model = patch(copy.deepcopy(reference), keep_logits=True, compile=False)
+    ids, mask, _ = padded_batch(LENGTHS, L, vocab=reference.config.vocab_size)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        ref = reference(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    real = mask.bool().flatten()
+    assert len(out.router_logits) == len(ref.router_logits)
+    for got, expected in zip(out.router_logits, ref.router_logits, strict=True):
+        assert got.shape == expected.shape == (len(LENGTHS) * L, expected.shape[-1])
+        assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+        assert got[~real].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- outputs a caller can receive
+
+
+def test_eval_with_the_configs_use_cache_returns_a_cache():
+    """model.eval()(ids) with the config's default use_cache=True, then a hand-written decode loop."""
+    reference, model = tiny_llama().eval(), patch(tiny_llama(), **EAGER).eval()
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    assert model.config.use_cache
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    tokens = {}
+    for key, m in (("reference", reference), ("patched", model)):
+        seq = ids
+        with torch.no_grad():
+            out = m(input_ids=seq)
+            for _ in range(5):
+                cache = out[name]
+                assert cache is not None, key
+                nxt = out.logits[:, -1:].argmax(-1)
+                seq = torch.cat([seq, nxt], dim=1)
+                out = m(input_ids=nxt, **{name: cache})
+        tokens[key] = seq
+    assert torch.equal(tokens["patched"], tokens["reference"])
+
+
+def test_return_dict_false_keeps_the_tuple_layout():
+    reference, model = tiny_llama(), patch(tiny_llama(), **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    assert [type(x) for x in out] == [type(x) for x in ref]
+    assert_close(out[0], ref[0])
+    assert_close(out[1], ref[1])  # the logits, where the unpatched model has them
+
+
+def test_unpatch_keeps_config_edits_made_while_patched(tmp_path):
+    model = patch(tiny_llama(), **EAGER)
+    model.resize_token_embeddings(160)
+    model.config.use_cache = False
+    unpatch(model)
+    assert model.config.vocab_size == 160 and model.config.use_cache is False
+    ids, mask, labels = padded_batch(LENGTHS, L, vocab=160)
+    ids[0, 0] = 150  # a token only the resized vocabulary has
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape[-1] == 160
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.vocab_size == 160
+
+
+def test_deepcopy_of_a_patched_model_stays_patched_and_its_own():
+    model = patch(tiny_llama(), **EAGER)
+    twin = copy.deepcopy(model)
+    assert is_patched(twin) and twin.config._attn_implementation == "sdpa"
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    a = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    b = twin(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert not torch.allclose(a, b)
+    twin.config.use_cache = False
+    assert model.config.use_cache is True  # the copy's configs are its own
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_labels_of_another_shape_are_refused():
+    model = patch(tiny_llama(), **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    with pytest.raises(ValueError, match=r"labels have shape \(5, 13\) but the inputs are \(4, 13\)"):
+        model(input_ids=ids, attention_mask=mask, labels=torch.cat([labels, labels[:1]]))
+
+
+def test_an_empty_batch_is_refused():
+    model = patch(tiny_llama(), **EAGER)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        model(input_ids=torch.zeros(0, 5, dtype=torch.long), attention_mask=torch.zeros(0, 5))
+
+
+def test_an_all_padding_batch_is_the_unpatched_answer():
+    reference, model = tiny_llama(), patch(tiny_llama(), **EAGER)
+    ids, mask, labels = padded_batch([0, 0], 5)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert math.isnan(ref.loss.item()) and math.isnan(out.loss.item())
+    assert out.logits.shape == (2, 5, 128) and out.logits.abs().sum() == 0
+    n_items = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=3).loss
+    assert n_items.item() == 0.0  # gradient accumulation: zero tokens add zero
+    n_items.backward()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"], ids=["plain-head", "model-own-head"])
+def test_logits_to_keep_is_packed_and_exact(model_type):
+    """TRL's GRPO/RLOO ask for the last k columns' logits of a left+right padded batch."""
+    reference = tiny_llama() if model_type == "llama" else _tiny(model_type)
+    model = patch(copy.deepcopy(reference), **EAGER)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    vocab = reference.config.vocab_size
+    ids, mask, _ = padded_batch([9, 4, 12], 12, vocab=vocab)
+    mask[0, :2] = 0  # left padding in one row, right padding in the others
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=6, use_cache=False).logits
+        ref = reference(input_ids=ids, attention_mask=mask, logits_to_keep=6, use_cache=False).logits
+    assert seen == [torch.Size([1, int(mask.sum())])]  # packed
+    assert out.shape == ref.shape == (3, 6, vocab)
+    real = mask[:, -6:].bool()
+    assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)
+    assert out[~real].abs().sum() == 0
