@@ -2,8 +2,9 @@
 
 For each type a tiny random fp32 model in train mode (dropout 0) sees a right-padded and a
 left-padded batch. The truth is each sequence run alone without padding (the unpatched model).
-A type is exact when the patched model's real-token logits and loss match that truth; for the
-core architectures the parameter gradients must also match the unpatched padded run. A type that
+A type is exact when the patched model's real-token logits and loss match that truth, and on the
+default training path (``patch``'s defaults but compile: the fused loss wherever the head allows
+it) its loss and every parameter gradient match the unpatched padded run. A type that
 ``patch`` refuses must name its model_type and a reason. Anything else fails.
 
 ``python tests/test_sweep.py`` prints the table the README shows.
@@ -21,7 +22,7 @@ from tiny_models import UNBUILDABLE, build_tiny_model, causal_lm_types  # noqa: 
 
 from seqpack import UnsupportedModelError, patch, unpatch  # noqa: E402
 
-CORE = ("llama", "mistral", "qwen2", "qwen3_moe", "gemma2", "phi3", "gpt2", "mixtral")
+CORE = ("llama", "mistral", "qwen2", "qwen3_moe", "gemma2", "phi3", "gpt2", "mixtral")  # must be exact
 LENGTHS = [11, 5, 16, 1]  # longer than the tiny sliding windows (8); a length-1 row
 SEQ_LEN = 16
 
@@ -78,23 +79,31 @@ def check_type(model_type: str) -> tuple[str, str]:
         assert_close(
             out.loss.float(), truth_loss.float(), rtol=1e-4, atol=1e-5, msg=lambda m, s=side: f"{s} loss: {m}"
         )
-    if model_type in CORE:
-        _check_grads(model, vocab)
+    _check_training_path(model, vocab)
     return "exact", ""
 
 
-def _check_grads(model, vocab):
+def _check_training_path(model, vocab):
+    """The default training path: patch()'s defaults but compile (the fused loss wherever the
+    model's head allows it), train mode, labels; loss and every parameter's gradient against the
+    unpatched model on the same right-padded batch."""
     ids, mask, labels = _batch(vocab, left=False)
-    model.zero_grad()
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    patched = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     unpatch(model)
     model.zero_grad()
-    model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+    reference_out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    reference_out.loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert patched.keys() == reference.keys() and len(reference) > 0
+    patch(model, compile=False)
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    patched = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_close(
+        out.loss.float(), reference_out.loss.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"loss: {m}"
+    )
+    assert patched.keys() == reference.keys() and len(reference) > 0, set(patched) ^ set(reference)
     for name, grad in reference.items():
-        assert_close(patched[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(patched[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("model_type", causal_lm_types())
