@@ -148,6 +148,9 @@ def _reference_attention(
     return _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra)
 
 
+_uncompiled_reference = torch.compiler.disable(_reference_attention)
+
+
 def _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra):
     """Packed (1, H, T, D) -> (N, H, S, D) rows of S = max_seqlen, masked attention, and back.
 
@@ -411,7 +414,11 @@ def varlen_attention_forward(
         )
         backend = "reference"
     if backend == "reference":
-        out = _reference_attention(
+        # With sinks on CUDA the eager attention stays out of the compiled layer (a graph break):
+        # inductor (torch 2.11) crashes compiling its backward, the softmax over the scores with
+        # the sink column appended (tiling_utils.get_pw_red_splits; found by tests/test_gpu_sweep.py).
+        reference = _uncompiled_reference if s_aux is not None and query.is_cuda else _reference_attention
+        out = reference(
             module, query, key, value, cu_seqlens, max_seqlen,
             scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs,
         )  # fmt: skip

@@ -232,7 +232,10 @@ def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
     keep = inputs.get("logits_to_keep")
     if isinstance(keep, torch.Tensor) or (keep and inputs.get("labels") is not None):
         return "logits_to_keep was given as indices, or with labels"
-    if inputs.get("return_dict") is False:
+    return_dict = inputs.get("return_dict")
+    if return_dict is None:  # as transformers' can_return_tuple reads it
+        return_dict = getattr(getattr(owner, "config", None), "return_dict", True)
+    if return_dict is False:
         return "return_dict=False (the original forward's tuple layout)"
     return None
 
