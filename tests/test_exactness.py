@@ -391,3 +391,155 @@ def test_logits_to_keep_is_packed_and_exact(model_type):
     real = mask[:, -6:].bool()
     assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5)
     assert out[~real].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- found by an adversarial review
+
+
+def test_a_loss_function_set_on_the_model_is_the_loss():
+    """transformers' own hook (model.loss_function = ...), before or after patch."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    def smoothed(logits, labels, vocab_size, **kwargs):
+        logits = logits.float()
+        logits = logits - 0.1 * logits.detach().mean()  # anything but plain cross-entropy
+        return ForCausalLMLoss(logits * 0.9, labels, vocab_size, **kwargs)
+
+    reference = tiny_llama()
+    reference.loss_function = smoothed
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    expected = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for first in ("patch", "hook"):
+        model = tiny_llama()
+        if first == "patch":
+            patch(model, **EAGER)
+            model.loss_function = smoothed
+        else:
+            model.loss_function = smoothed
+            patch(model, **EAGER)
+        assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)
+
+
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["fused", "own-loss"])
+def test_ignore_index_passed_to_the_forward(keep_logits):
+    reference, model = tiny_llama(), patch(tiny_llama(), compile=False, keep_logits=keep_logits)
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    labels = ids.masked_fill(mask == 0, 0)  # 0 marks "no target" here
+    labels[:, :2] = 0
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels, ignore_index=0).loss
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, ignore_index=0).loss
+    assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sliding_window_edited_after_patch_is_the_window():
+    reference = _tiny("mistral")
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    ids, mask, _ = padded_batch([11, 5, 16, 1], 16, vocab=reference.config.vocab_size)
+    real = mask.bool()
+    for window in (3, None, 6):
+        reference.config.sliding_window = window
+        model.config.sliding_window = window
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+            ref = reference(input_ids=ids, attention_mask=mask).logits
+        assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5, msg=f"window {window}")
+
+
+def test_output_attentions_from_the_config():
+    reference, model = tiny_llama(attn="eager"), patch(tiny_llama(attn="eager"), **EAGER)
+    for m in (reference, model):
+        m.config.output_attentions = True
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(out.attentions) == len(ref.attentions) == 2
+    assert_close(out.attentions[0], ref.attentions[0])
+
+
+def _neftune_peak(model) -> float:
+    """The largest noise NEFTune's hook adds to the embedding output in one forward."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    embeddings = model.get_input_embeddings()
+    embeddings.neftune_noise_alpha = 5.0
+    embeddings.register_forward_hook(neftune_post_forward_hook)
+    seen = {}
+    embeddings.register_forward_pre_hook(lambda m, args: seen.update(ids=args[0]))
+    embeddings.register_forward_hook(
+        lambda m, args, out: seen.update(peak=(out - m.weight[seen["ids"]]).abs().max())
+    )
+    ids, mask, labels = padded_batch([24, 24, 24, 24], 24)
+    torch.manual_seed(0)
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    return seen["peak"].item()
+
+
+def test_neftune_noise_has_the_unpatched_scale():
+    """Trainer's neftune_noise_alpha scales noise by 1 / sqrt(L * H) of the embedding output."""
+    expected = 5.0 / math.sqrt(24 * 64)  # uniform(-mag, mag) over 6k values: the peak is just under mag
+    reference, patched = _neftune_peak(tiny_llama()), _neftune_peak(patch(tiny_llama(), **EAGER))
+    assert 0.99 * expected < reference <= expected and 0.99 * expected < patched <= expected
+
+
+def test_patch_of_a_torch_compiled_model():
+    reference = tiny_llama()
+    compiled = torch.compile(tiny_llama(), backend="aot_eager")
+    assert patch(compiled, compile=False) is compiled and is_patched(compiled)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    assert_close(
+        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss,
+        reference(input_ids=ids, attention_mask=mask, labels=labels).loss,
+    )
+
+
+def test_logits_to_keep_longer_than_the_rows():
+    reference, model = tiny_llama(), patch(tiny_llama(), **EAGER)
+    ids, mask, _ = padded_batch([9, 4], 9)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=12, use_cache=False).logits
+        ref = reference(input_ids=ids, attention_mask=mask, logits_to_keep=12, use_cache=False).logits
+    assert out.shape == ref.shape == (2, 9, 128)
+    assert_close(out[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_float_labels_are_refused_clearly():
+    model = patch(tiny_llama(), **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        model(input_ids=ids, attention_mask=mask, labels=labels.float())
+
+
+def _tiny_gemma3_with_images():
+    from tiny_models import tiny_config
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = tiny_config("gemma3")
+    config.image_token_id, config.mm_tokens_per_image = 250, 4
+    config.boi_token_index, config.eoi_token_index = 251, 252
+    config.vision_config.image_size, config.vision_config.patch_size = 32, 8  # 4 image tokens
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).train()
+    ids, mask, labels = padded_batch([14, 11, 9], 14, vocab=200)
+    ids[:, 1], ids[:, 2:6], ids[:, 6] = 251, 250, 252  # <boi> 4 x <image> <eoi>
+    token_types = (ids == 250).long()
+    return (
+        model,
+        dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(token_types == 1, -100)),
+        token_types,
+    )
+
+
+@pytest.mark.parametrize("inputs", ["pixel_values", "token_type_ids"])
+def test_a_vlm_batch_with_images_is_exact(inputs):
+    """Image tokens see each other (gemma3's token-type mask) and the vision tower keeps its own
+    attention: such a call runs unpacked, exactly; a text-only call of the same model packs."""
+    reference, batch, token_types = _tiny_gemma3_with_images()
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    batch = dict(batch, token_type_ids=token_types)
+    if inputs == "pixel_values":
+        batch["pixel_values"] = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = reference(**batch)
+    out = model(**batch)
+    real = batch["attention_mask"].bool()
+    assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)

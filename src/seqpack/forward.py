@@ -49,6 +49,8 @@ class _Record:
     keep_logits: bool = False  # never fuse the loss (the caller reads logits in training)
     memory_budget: float | None = None
     masks_read: bool = False  # the layers' own mask patterns are in the plans (False: read them first)
+    mask_key: Any = None  # the configs' values when the masks were read: an edit since reads them again
+    mask_inputs: tuple = ()  # inputs that change the model's attention mask (gemma3's token_type_ids)
 
 
 @dataclass
@@ -100,8 +102,18 @@ def plan_attention(record: _Record, patterns) -> None:
     record.masks_read = patterns is not None
 
 
+def config_key(configs) -> tuple:
+    """The public values of the configs, to notice an edit (``config.sliding_window = ...``)."""
+    return tuple(
+        (k, tuple(v) if isinstance(v, list) else v)
+        for config in configs
+        for k, v in config.__dict__.items()
+        if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))
+    )
+
+
 def _read_masks(model: nn.Module, record: _Record) -> None:
-    """The mask probe of a model patched on the meta device, at its first forward."""
+    """The mask probe again: for a model patched on the meta device, or after a config edit."""
     patterns = mask_patterns(_base_model(model), record.layers)
     config = (
         model.config.get_text_config(decoder=True)
@@ -115,6 +127,7 @@ def _read_masks(model: nn.Module, record: _Record) -> None:
             "Call seqpack.unpatch(model)."
         )
     plan_attention(record, patterns if patterns is not None else [None] * len(record.layers))
+    record.mask_key = config_key(record.configs)
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -208,7 +221,7 @@ def _packed_forward(self, *args, **kwargs):
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             inputs.update(inputs.pop(name, {}))
-    why = _passthrough_reason(self, inputs)
+    why = _passthrough_reason(self, wrap.record, inputs)
     if why is not None:
         attention._log_once(f"seqpack: running the original forward because {why}")
         with _Passthrough():
@@ -216,15 +229,21 @@ def _packed_forward(self, *args, **kwargs):
     return _packed_call(self, original, wrap, inputs, args, kwargs)
 
 
-def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
+def _passthrough_reason(owner: nn.Module, record: _Record, inputs: dict) -> str | None:
+    """Why this call must run the original forward to give what the unpatched model gives."""
     if any(inputs.get(name) is not None for name in _CACHE_NAMES):
         return "a KV cache was passed (generation)"
-    use_cache = inputs.get("use_cache")
-    if use_cache is None and not owner.training:  # at inference the model falls back to its config
-        use_cache = getattr(_text_config(owner), "use_cache", False)
-    if use_cache:
+    config = _text_config(owner)
+
+    def asked(name: str, at_inference_only: bool = False):  # the call's value, or the config's
+        value = inputs.get(name)
+        if value is None and not (at_inference_only and owner.training):
+            value = getattr(config, name, None)
+        return value
+
+    if asked("use_cache", at_inference_only=True):
         return "use_cache=True asks for a KV cache (pass use_cache=False to pack)"
-    if inputs.get("output_attentions"):
+    if asked("output_attentions"):
         return "output_attentions=True needs the full attention matrix"
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.ndim == 4:
@@ -237,7 +256,18 @@ def _passthrough_reason(owner: nn.Module, inputs: dict) -> str | None:
         return_dict = getattr(getattr(owner, "config", None), "return_dict", True)
     if return_dict is False:
         return "return_dict=False (the original forward's tuple layout)"
+    media = [n for n, v in inputs.items() if v is not None and n.startswith(_MEDIA_INPUTS)]
+    if media:
+        return f"{media[0]} was passed: image, video and audio inputs are not packed yet"
+    for name in record.mask_inputs:
+        value = inputs.get(name)
+        if isinstance(value, torch.Tensor) and bool(value.any()):  # a host sync, for these models only
+            return f"{name} changes this model's attention mask (image tokens see each other)"
     return None
+
+
+# Inputs of vision, video and audio towers: a call with them runs unpacked (issue: VLMs).
+_MEDIA_INPUTS = ("pixel_values", "input_features", "audio_values", "video_values", "images", "videos")
 
 
 def _text_config(module: nn.Module):
@@ -277,6 +307,10 @@ def _check_inputs(inputs: dict, head: bool) -> tuple[int, int, torch.device]:
             "pass (B, L) or (1, L) positions."
         )
     labels = inputs.get("labels")
+    if head and isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()):
+        raise ValueError(
+            f"seqpack: labels must be integer token ids (-100 for no target), got {labels.dtype}."
+        )
     if head and isinstance(labels, torch.Tensor) and tuple(labels.shape) != (batch, length):
         raise ValueError(
             f"seqpack: labels have shape {tuple(labels.shape)} but the inputs are ({batch}, {length}); pass labels "
@@ -322,11 +356,14 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
         # All padding: nothing to pack. The unpatched model's own answer (its loss), zero outputs.
         with _Passthrough():
             return _zero_per_token(original(*args, **kwargs), batch, length)
-    if not record.masks_read:
+    if not record.masks_read or record.mask_key != config_key(record.configs):
         _read_masks(module, record)
     mask = inputs.pop("attention_mask", None)
     inputs.pop("return_dict", None)
     labels = inputs.pop("labels", None)
+    ignore = inputs.pop("ignore_index", None) if wrap.head else None
+    if labels is not None and ignore is not None and ignore != IGNORE_INDEX:
+        labels = labels.masked_fill(labels == ignore, IGNORE_INDEX)  # one spelling of "no target"
     call = {}
     for name, value in inputs.items():
         if name == "position_ids" or name in _FLASH_KWARGS:
@@ -353,11 +390,16 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
             call["shift_labels"] = targets
-    keep = call.pop("logits_to_keep", 0) if wrap.head else 0
+    keep = min(call.pop("logits_to_keep", 0) or 0, length) if wrap.head else 0
     head = None
     if (targets is not None and module.training and not record.keep_logits) or keep:
         head = _fusable_head(module)
-    with attention.PackedForward(), _NamedSeqpack(record), compiling.memory_budget(record.memory_budget):
+    with (
+        attention.PackedForward(),
+        _NamedSeqpack(record),
+        _NeftuneScale(module, meta),
+        compiling.memory_budget(record.memory_budget),
+    ):
         if keep and head is not None:
             return _kept_logits_call(module, head, call, meta, keep)
         output = _fused_loss_call(module, head, call, targets) if head is not None else original(**call)
@@ -384,7 +426,36 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
         or "forward" in head.__dict__
     ):
         return None
+    if getattr(model, "_loss_function", None) is not None or not _is_causal_lm_loss(model.loss_function):
+        return None  # a loss function set on the model (label smoothing, say), or another loss_type
     return head if fused_loss_blocker(type(model), name) is None else None
+
+
+def _is_causal_lm_loss(fn) -> bool:
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return False
+    return fn is ForCausalLMLoss
+
+
+class _NeftuneScale:
+    """NEFTune's noise (Trainer/TRL ``neftune_noise_alpha``) scales as alpha / sqrt(L * H) of the
+    embedding output; packed, that output is (1, T, H). The alpha is scaled by sqrt(T / L) for the
+    call, so each real token gets the noise distribution it gets unpatched."""
+
+    def __init__(self, model: nn.Module, meta: VarlenMetadata):
+        self.embeddings = model.get_input_embeddings()
+        self.alpha = getattr(self.embeddings, "neftune_noise_alpha", None)
+        self.scale = (meta.total / meta.seq_len) ** 0.5
+
+    def __enter__(self):
+        if self.alpha:
+            self.embeddings.neftune_noise_alpha = self.alpha * self.scale
+
+    def __exit__(self, *exc):
+        if self.alpha:
+            self.embeddings.neftune_noise_alpha = self.alpha
 
 
 def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: torch.Tensor):

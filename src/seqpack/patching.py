@@ -23,13 +23,14 @@ Which models can be packed at all is support.py's question.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 from torch import nn
 
 from . import attention
 from . import compile as compiling
-from .forward import _Record, _unwrap_forward, _wrap, mask_reason, plan_attention
+from .forward import _Record, _unwrap_forward, _wrap, config_key, mask_reason, plan_attention
 from .support import (
     UnsupportedModelError,
     _base_model,
@@ -88,27 +89,35 @@ def _real_config(config):
 # --------------------------------------------------------------------------- what patch() changes
 
 
-def _install_views(record: _Record, target: nn.Module, base: nn.Module) -> None:
-    inside_layers = {id(m) for m in record.layers.modules()}
-    for module in base.modules():
-        config = module.__dict__.get("config")
-        if _is_config(config) and (id(module) in inside_layers or _uses_attention_interface(module)):
-            module.__dict__["config"] = _config_view(config)
-            record.views.append((module, config))
-    configs = {}
-    for module in target.modules():
+def _install_views(record: _Record, target: nn.Module, base: nn.Module, text_config) -> None:
+    """Views for the modules inside the decoder layers; the configs the packed forward renames.
+
+    Only the language model's configs are renamed while packing: a vision or audio tower keeps
+    its own config and attention (its patches are not the text's padding).
+    """
+    configs = {id(c): c for c in (target.config, base.config, text_config)}
+    for module in record.layers.modules():
         config = module.__dict__.get("config")
         if _is_config(config):
-            real = _real_config(config)
-            configs[id(real)] = real
+            configs[id(config)] = config
+            module.__dict__["config"] = _config_view(config)
+            record.views.append((module, config))
     record.configs = list(configs.values())
+
+
+def _mask_inputs(base: nn.Module, layers: nn.ModuleList, patterns) -> tuple[str, ...]:
+    """The backbone's inputs that change its attention mask: a call with them is not packed."""
+    takes = inspect.signature(type(base).forward).parameters
+    names = [n for n in ("token_type_ids", "mm_token_type_ids") if n in takes]
+    return tuple(n for n in names if mask_patterns(base, layers, ones=(n,)) != patterns)
 
 
 # --------------------------------------------------------------------------- public API
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    """The transformers model inside a torch.compile and/or PEFT wrapper (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps it in an OptimizedModule
     get_base = getattr(model, "get_base_model", None)
     if get_base is not None and type(model).__module__.startswith("peft"):
         return get_base()
@@ -184,10 +193,13 @@ def patch(
     attention.register()
     record = _Record(backend=chosen, keep_logits=keep_logits, memory_budget=memory_budget, layers=layers)
     record.attention_modules = [
-        m for m in base.modules() if _uses_attention_interface(m) and hasattr(m, "config")
+        m for m in layers.modules() if _uses_attention_interface(m) and hasattr(m, "config")
     ]
     plan_attention(record, patterns)
-    _install_views(record, target, base)
+    _install_views(record, target, base, text_config)
+    record.mask_key = config_key(record.configs)
+    if patterns is not None:
+        record.mask_inputs = _mask_inputs(base, layers, patterns)
     if compile:
         if not compiling.can_compile():
             raise RuntimeError("compile=True needs torch.compile; pass compile=False.")

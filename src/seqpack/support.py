@@ -298,7 +298,9 @@ def _found_pattern(values) -> MaskPattern | str | None:
     return None
 
 
-def mask_patterns(base: nn.Module, layers: nn.ModuleList) -> list[MaskPattern | str | None] | None:
+def mask_patterns(
+    base: nn.Module, layers: nn.ModuleList, ones: tuple[str, ...] = ()
+) -> list[MaskPattern | str | None] | None:
     """The pattern of the attention mask each decoder layer receives, from the model's own code.
 
     One probe forward of the backbone on a few tokens (twice the configured sliding window, so a
@@ -306,6 +308,10 @@ def mask_patterns(base: nn.Module, layers: nn.ModuleList) -> list[MaskPattern | 
     identity: the mask code runs exactly as the model wrote it (which creator, which window, for
     which layer type), under a mask interface that reads each mask function instead of building
     a mask. Costs microseconds of model time; nothing of the model is changed after it.
+
+    Args:
+        ones: inputs of the backbone to pass as all ones (``token_type_ids``: does marking every
+            token an image token change the mask?).
 
     Returns:
         One entry per layer: a ``MaskPattern``, a reason (str) when the mask is no causal pattern,
@@ -342,8 +348,9 @@ def mask_patterns(base: nn.Module, layers: nn.ModuleList) -> list[MaskPattern | 
         window = getattr(_config_of(base), "sliding_window", None)
         length = 2 * window + 8 if isinstance(window, int) else 8
         tokens = torch.full((1, length), min(3, embeddings.num_embeddings - 1), device=weight.device)
+        extra = {name: torch.ones_like(tokens) for name in ones}
         with torch.no_grad():
-            type(base).forward(base, input_ids=tokens, use_cache=False)
+            type(base).forward(base, input_ids=tokens, use_cache=False, **extra)
     except Exception:  # noqa: BLE001 -- a backbone that needs more inputs: fall back to the kwargs
         return None
     finally:
