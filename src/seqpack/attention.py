@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .packing import from_rows, row_layout, to_rows
+
 logger = logging.getLogger("seqpack")
 
 ATTN_NAME = "seqpack"
@@ -157,21 +159,14 @@ def _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, 
     Returns:
         (1, T, Hq, D).
     """
-    total, width = query.shape[2], max_seqlen
-    cu = cu_seqlens.long()
-    rows = cu.shape[0] - 1  # N; cu_seqlens is never sliced, so compiled code does not specialise on N == 1
-    pos = torch.arange(total, device=query.device)  # (T,)
-    seq_id = torch.searchsorted(cu, pos, right=True) - 1  # (T,) which sequence each token is in
-    slot = seq_id * width + (pos - cu[seq_id])  # (T,) its place in the flattened (N, S) layout
+    layout = row_layout(cu_seqlens, max_seqlen, query.shape[2])
 
-    def to_rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
-        heads, dim = x.shape[1], x.shape[3]
-        flat = x.new_zeros(rows * width, heads, dim).index_copy(0, slot, x[0].transpose(0, 1))
-        return flat.view(rows, width, heads, dim).transpose(1, 2)
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
+        return to_rows(x[0].transpose(0, 1), layout).transpose(1, 2)
 
     # Each sequence starts its row, so the causal mask alone keeps its queries off the padding.
-    out = _masked_attention(module, to_rows(query), to_rows(key), to_rows(value), **extra)  # (N, S, Hq, D)
-    return out.reshape(rows * width, *out.shape[2:]).index_select(0, slot).unsqueeze(0)  # (1, T, Hq, D)
+    out = _masked_attention(module, rows(query), rows(key), rows(value), **extra)  # (N, S, Hq, D)
+    return from_rows(out, layout).unsqueeze(0)  # (1, T, Hq, D)
 
 
 def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_window, **kwargs):

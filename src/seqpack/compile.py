@@ -20,7 +20,7 @@ BACKEND = "inductor"
 DYNAMIC: bool | None = True
 
 
-def compile_layers(layers: nn.ModuleList) -> list[nn.Module]:
+def compile_layers(layers) -> list[nn.Module]:
     """Compile each decoder layer in place. Returns the layers compiled (for ``uncompile``).
 
     ``dynamic=True``: the packed length T, the batch size (``cu_seqlens`` has B + 1 entries) and

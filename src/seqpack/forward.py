@@ -34,7 +34,14 @@ from .packing import (
     pack,
     unpack,
 )
-from .support import MaskPattern, UnsupportedModelError, _base_model, fused_loss_blocker, mask_patterns
+from .support import (
+    MaskPattern,
+    UnsupportedModelError,
+    _base_model,
+    fused_loss_blocker,
+    has_attention,
+    mask_patterns,
+)
 
 
 @dataclass
@@ -45,6 +52,7 @@ class _Record:
     attention_modules: list = field(default_factory=list)
     layers: Any = None  # the decoder layers (nn.ModuleList)
     compiled: list = field(default_factory=list)  # decoder layers compiled in place
+    mixers: list = field(default_factory=list)  # sequence mixers (and their layers) given a forward
     backend: str = "reference"
     keep_logits: bool = False  # never fuse the loss (the caller reads logits in training)
     memory_budget: float | None = None
@@ -76,7 +84,7 @@ def mask_reason(patterns, layers: nn.ModuleList, text_config) -> str | None:
     for index, pattern in enumerate(patterns or ()):
         if isinstance(pattern, str):
             return f"decoder layer {index} ({type(layers[index]).__name__}): {pattern}"
-        if pattern is None and getattr(text_config, "sliding_window", None):
+        if pattern is None and getattr(text_config, "sliding_window", None) and has_attention(layers[index]):
             return (
                 f"seqpack could not read which attention mask decoder layer {index} "
                 f"({type(layers[index]).__name__}) gets, and the config sets a sliding window"

@@ -201,3 +201,48 @@ def unpack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
     out = x.new_zeros(meta.batch_size * meta.seq_len, *rest)
     out = out.index_copy(0, meta.indices, x[0])
     return out.view(meta.batch_size, meta.seq_len, *rest)
+
+
+# --------------------------------------------------------------------------- the rows layout
+
+
+class RowLayout(NamedTuple):
+    """The packed sequences laid out as a right-padded batch of N rows of S = max_seqlen tokens.
+
+    Attributes:
+        slot: (T,) int64, each packed token's place in the flattened (N * S) rows.
+        rows: N, the number of sequences.
+        width: S, the longest sequence.
+    """
+
+    slot: torch.Tensor
+    rows: int
+    width: int
+
+
+def row_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> RowLayout:
+    """Where each of the T packed tokens goes in a right-padded (N, S) layout, on the device.
+
+    No host sync and no data-dependent loop, so compiled code can use it; N comes from the shape of
+    ``cu_seqlens``, which is never sliced, so a compiled graph does not specialise on N == 1.
+
+    Example:
+        >>> row_layout(torch.tensor([0, 2, 5]), 3, 5).slot.tolist()
+        [0, 1, 3, 4, 5]
+    """
+    cu = cu_seqlens.long()
+    pos = torch.arange(total, device=cu.device)  # (T,)
+    seq_id = torch.searchsorted(cu, pos, right=True) - 1  # (T,) which sequence each token is in
+    slot = seq_id * max_seqlen + (pos - cu[seq_id])  # (T,)
+    return RowLayout(slot, cu.shape[0] - 1, max_seqlen)
+
+
+def to_rows(x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """(T, ...) packed -> (N, S, ...) rows, zeros after each sequence's end."""
+    flat = x.new_zeros(layout.rows * layout.width, *x.shape[1:]).index_copy(0, layout.slot, x)
+    return flat.view(layout.rows, layout.width, *x.shape[1:])
+
+
+def from_rows(y: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """(N, S, ...) rows -> (T, ...) packed: the real tokens, in order."""
+    return y.reshape(layout.rows * layout.width, *y.shape[2:]).index_select(0, layout.slot)

@@ -28,7 +28,7 @@ import warnings
 
 from torch import nn
 
-from . import attention
+from . import attention, mixers
 from . import compile as compiling
 from .forward import _Record, _unwrap_forward, _wrap, config_key, mask_reason, plan_attention
 from .support import (
@@ -40,6 +40,7 @@ from .support import (
     _text_config,
     _uses_attention_interface,
     mask_patterns,
+    sequence_mixers,
     unsupported_reason,
 )
 
@@ -200,10 +201,12 @@ def patch(
     record.mask_key = config_key(record.configs)
     if patterns is not None:
         record.mask_inputs = _mask_inputs(base, layers, patterns)
+    record.mixers = mixers.wrap_mixers(sequence_mixers(layers))
     if compile:
         if not compiling.can_compile():
             raise RuntimeError("compile=True needs torch.compile; pass compile=False.")
-        record.compiled = compiling.compile_layers(layers)
+        eager = mixers.eager_layers(record.mixers)  # their mixers get the metadata by handover
+        record.compiled = compiling.compile_layers([layer for layer in layers if id(layer) not in eager])
     # The backbone is always wrapped, so whoever calls it (a head, TRL's fused LM head) gets
     # packing. A causal LM's own forward is wrapped too, so its LM head and loss run on real tokens
     # only, unless a framework already replaced it on the instance: then that forward is left to
@@ -236,5 +239,6 @@ def unpatch(model: nn.Module) -> nn.Module:
         module.__dict__["config"] = config
     for module in record.attention_modules:
         module.__dict__.pop(attention.PLAN_ATTR, None)
+    mixers.unwrap(record.mixers)
     compiling.uncompile(record.compiled)
     return model

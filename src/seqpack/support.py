@@ -23,12 +23,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
-# Class-name parts of layers that carry state along the sequence (case-sensitive CamelCase parts,
-# so "GptOssMLP" is not an "SSM").
+# Layer types whose attention packing cannot separate: it picks or pools keys by content, or in
+# fixed chunks, across whatever is in the sequence.
+_UNPACKABLE_LAYER_TYPES = {
+    "chunked_attention": "chunked attention, which the varlen kernels do not compute",
+    "indexed_attention": "indexed sparse attention (its indexer picks keys across the whole sequence)",
+    "compressed_sparse_attention": "compressed sparse attention (keys pooled across the sequence)",
+    "heavily_compressed_attention": "compressed sparse attention (keys pooled across the sequence)",
+    "qwen_sparse_attention": "sparse attention with an indexer that picks keys across the sequence",
+    "deepseek_sparse_attention": "indexed sparse attention (its indexer picks keys across the whole sequence)",
+}
+# Class-name parts of modules that pick or pool keys by content across the sequence (DeepSeek's
+# sparse-attention indexer, compressed attention): whatever the layer type is called.
+_KEY_SELECTORS = re.compile(r"Indexer|Compressor")
+# Class-name parts of modules that carry state along the sequence outside attention: the sequence
+# mixers (mixers.py). Case-sensitive CamelCase parts, so "GptOssMLP" is not an "SSM".
 _SEQUENCE_MIXERS = re.compile(
-    r"Mamba|SSM|Ssm(?![a-z])|Rwkv|RWKV|Recurrent|DeltaNet|LinearAttention|ShortConv|Lightning"
+    r"Mamba|SSM|Ssm(?![a-z])|Rwkv|RWKV|Recurrent|DeltaNet|DeltaAttention|LinearAttention|ShortConv|"
+    r"ShortConvolution|Lightning|LSTM"
 )
+# Class-name parts of attention written into the layer, not through transformers' interface.
+_BUILT_IN_ATTENTION = re.compile(r"Attention|Attn")
 
 # Types that look packable to every generic check below and are not; each with the reason.
 _EXCEPTIONS: dict[str, str] = {
@@ -101,9 +116,9 @@ def _drops_kwargs(base: nn.Module, layers: nn.ModuleList) -> str | None:
     except SyntaxError:
         tree = None
     for node in ast.walk(tree) if tree is not None else ():
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and layers_name:
-            if f"self.{layers_name}" in ast.unparse(node.iter):
-                loop_vars.add(node.target.id)
+        if isinstance(node, ast.For) and layers_name and f"self.{layers_name}" in ast.unparse(node.iter):
+            # for layer in self.layers / for i, layer in enumerate(self.layers)
+            loop_vars.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
     if loop_vars and _call_drops_kwargs(
         type(base).forward, lambda f: isinstance(f, ast.Name) and f.id in loop_vars
     ):
@@ -118,6 +133,11 @@ def _drops_kwargs(base: nn.Module, layers: nn.ModuleList) -> str | None:
             if _call_drops_kwargs(type(layer).forward, is_attn):
                 return f"{type(layer).__name__}.forward calls self.{name} without **kwargs"
     return None
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """Whether a decoder layer attends through transformers' attention interface."""
+    return any(_uses_attention_interface(m) for m in layer.modules())
 
 
 def _uses_attention_interface(module: nn.Module) -> bool:
@@ -149,6 +169,64 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def _mixes_tokens(module: nn.Module) -> bool:
+    """A sequence mixer: named like one, or holding a convolution along the sequence itself."""
+    if _SEQUENCE_MIXERS.search(type(module).__name__):
+        return True
+    return any(isinstance(child, nn.Conv1d) for child in module.children())
+
+
+def sequence_mixers(layers: nn.ModuleList) -> list | str:
+    """The sequence mixers of the decoder layers, or why a layer cannot be packed.
+
+    Returns:
+        (decoder layer, mixer module, whether its caller passes ``**kwargs`` to it) triples: the
+        outermost mixing module under each layer that is not an attention-interface module. Or a
+        reason (str): a convolution or recurrence inside an attention module, or attention built
+        into a layer instead of going through transformers' interface.
+    """
+    found = []
+    for index, layer in enumerate(layers):
+        attention = [m for m in layer.modules() if _uses_attention_interface(m)]
+        inside_attention = {id(m) for a in attention for m in a.modules()}
+        layer_mixers = []
+
+        def visit(
+            parent: nn.Module, layer=layer, attention=attention, inside=inside_attention, found=layer_mixers
+        ):
+            for name, child in parent.named_children():
+                if id(child) in inside:  # an attention module: any mixing inside it is not packed
+                    mixing = [m for m in child.modules() if m is not child and _mixes_tokens(m)]
+                    if mixing:
+                        return (
+                            f"{type(mixing[0]).__name__} mixes tokens inside the attention module "
+                            f"{type(child).__name__}, where packing cannot separate sequences"
+                        )
+                    continue
+                if _mixes_tokens(child) and child is not layer:
+                    forward = type(parent).forward
+                    passes = not _call_drops_kwargs(forward, lambda f, n=name: _is_self_attr(f, n))
+                    found.append((layer, child, passes and _takes_var_kwargs(type(child).forward)))
+                    continue
+                why = visit(child)
+                if why:
+                    return why
+            return None
+
+        why = visit(layer)
+        if why:
+            return f"decoder layer {index} ({type(layer).__name__}): {why}"
+        if not attention and not layer_mixers:
+            built_in = [m for m in layer.modules() if _BUILT_IN_ATTENTION.search(type(m).__name__)]
+            if built_in:
+                return (
+                    f"decoder layer {index} ({type(layer).__name__}) has no attention through transformers' "
+                    f"attention interface ({type(built_in[0]).__name__} is built in)"
+                )
+        found += layer_mixers
+    return found
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot be packed exactly, or None if it can."""
     config = model.config
@@ -161,29 +239,24 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if getattr(text_config, "is_causal", True) is False:
         return "its config sets is_causal=False (bidirectional attention)"
     layer_types = set(getattr(text_config, "layer_types", None) or ())
-    if layer_types - _ATTENTION_LAYER_TYPES:
-        return (
-            f"it has {sorted(layer_types - _ATTENTION_LAYER_TYPES)} layers; packing separates sequences "
-            "only in full or sliding-window attention"
-        )
+    for layer_type in sorted(layer_types & set(_UNPACKABLE_LAYER_TYPES)):
+        return f"it has {layer_type} layers: {_UNPACKABLE_LAYER_TYPES[layer_type]}"
     if getattr(text_config, "attention_chunk_size", None):
         return "it uses chunked attention, which the varlen kernels do not compute"
     base = _base_model(model)
     layers = _decoder_layers(base, getattr(text_config, "num_hidden_layers", None))
     if layers is None:
         return "no decoder layer stack was found"
-    attn_modules = []
-    for i, layer in enumerate(layers):
-        found = [m for m in layer.modules() if _uses_attention_interface(m)]
-        if not found:
-            return (
-                f"decoder layer {i} ({type(layer).__name__}) has no attention through transformers' "
-                "attention interface (its attention is built in, or the layer is recurrent/SSM/convolutional)"
-            )
-        attn_modules += found
+    attn_modules = [m for m in layers.modules() if _uses_attention_interface(m)]
+    selector = next((m for m in layers.modules() if _KEY_SELECTORS.search(type(m).__name__)), None)
+    if selector is not None:
+        return f"{type(selector).__name__} picks or pools attention keys by content across the whole sequence"
+    mixers = sequence_mixers(layers)
+    if isinstance(mixers, str):
+        return mixers
     dropped = _drops_kwargs(base, layers)
     if dropped:
-        return f"{dropped}, so the packing metadata cannot reach attention"
+        return f"{dropped}, so the packing metadata cannot reach attention or the sequence mixers"
     for module in base.modules():
         if "create_position_ids_from_input_ids" in _source(type(module).forward):
             return (
@@ -193,14 +266,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for module in attn_modules:
         if getattr(module, "is_causal", True) is False:
             return f"{type(module).__name__} is bidirectional (is_causal=False)"
-    for name, module in layers.named_modules():
-        if isinstance(module, nn.Conv1d) or _SEQUENCE_MIXERS.search(type(module).__name__):
-            return (
-                f"{type(module).__name__} ({name}) mixes tokens along the sequence outside attention "
-                "(a convolution or recurrent state), which would leak across packed sequences"
-            )
     forward = type(base).forward
-    if "position_ids" not in inspect.signature(forward).parameters:
+    if attn_modules and "position_ids" not in inspect.signature(forward).parameters:
         return (
             f"{type(base).__name__}.forward takes no position_ids, so positions cannot restart per sequence"
         )
@@ -210,6 +277,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
         )
     if not _takes_var_kwargs(type(model).forward):
         return f"{type(model).__name__}.forward takes no **kwargs, so the packing metadata cannot reach attention"
+    name = next((n for n, m in model.named_children() if m is base), None)
+    if name is not None and _call_drops_kwargs(type(model).forward, lambda f: _is_self_attr(f, name)):
+        return (
+            f"{type(model).__name__}.forward calls self.{name} without **kwargs, so the packing metadata "
+            "cannot reach attention or the sequence mixers"
+        )
     return None
 
 

@@ -1,0 +1,209 @@
+"""Sequence mixers (Gated DeltaNet, Mamba, short convolutions) seeing each packed sequence on its own.
+
+Attention keeps packed sequences apart through ``cu_seqlens``; a recurrent or convolutional mixer
+would carry its state from one sequence into the next. transformers' PyTorch fallbacks for these
+layers ignore the packing metadata (only the flash-linear-attention / causal-conv1d / mamba-ssm
+kernels read it), so each mixer runs on the packed sequences laid out as a right-padded batch
+instead: (1, T, H) -> (N, S, H) with its 0/1 mask, the original forward, then back to (1, T, H).
+A causal mixer is exact under right padding: a real token never sees the padding after it, and
+the mask zeroes the padding where the mixer applies one. Its cost is the padded batch of the
+mixer layers alone (N * S tokens instead of T); attention, MLPs and the head stay packed.
+
+The mixer call is left out of the compiled layers (a graph break, eager by design): the
+fallbacks loop over chunks in Python, which would specialise a compiled graph on every padded
+length. The metadata reaches a mixer through the ``**kwargs`` its decoder layer passes on; a
+layer that does not pass them (Jamba's, Mamba's) hands them over through the mixer itself, and
+runs eager as a whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from .attention import packing
+from .packing import from_rows, row_layout, to_rows
+
+_PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "position_ids")
+_ROWS = "_seqpack_rows"  # on a mixer whose layer drops kwargs: (cu_seqlens, max_seqlen) of this call
+
+
+class MixerForward:
+    """The forward a mixer module gets: the original, on the rows layout of the packed sequences.
+
+    An object holding its module (not a closure, not the bound original): ``copy.deepcopy`` of the
+    model then copies it along with the module, and the original is looked up at each call.
+    """
+
+    def __init__(self, module: nn.Module, previous):
+        self.module = module
+        self.previous = previous  # an instance forward that was there before, or None
+
+    def __call__(self, *args, **kwargs):
+        return _mixer_call(self, args, kwargs)
+
+
+class LayerForward:
+    """The forward of a decoder layer that calls its mixer without ``**kwargs``: it hands the
+    packing metadata of each call to its mixers (and runs eager, as the handover is Python state)."""
+
+    def __init__(self, layer: nn.Module, previous, mixers: list[nn.Module]):
+        self.layer = layer
+        self.previous = previous
+        self.mixers = mixers
+
+    def __call__(self, *args, **kwargs):
+        return _layer_call(self, args, kwargs)
+
+
+def _original(module: nn.Module, previous):
+    return previous if previous is not None else type(module).forward.__get__(module)
+
+
+@torch.compiler.disable
+def _layer_call(forward: LayerForward, args, kwargs):
+    layer = forward.layer
+    replay = layer.__dict__.get("_gradient_checkpointing_func")
+    if replay is not None and not isinstance(replay, _HandoverReplay):
+        # transformers >= 5.24 checkpoints the class's own forward, not this one: the replay in the
+        # backward must hand the metadata over again, so the checkpoint function does it too.
+        layer._gradient_checkpointing_func = _HandoverReplay(replay, forward.mixers)
+    with _Handover(forward.mixers, kwargs):
+        return _original(layer, forward.previous)(*args, **kwargs)
+
+
+class _Handover:
+    """The packing metadata of one layer call, on that layer's mixers for the call's duration."""
+
+    def __init__(self, mixers: list[nn.Module], kwargs: dict):
+        self.mixers = mixers
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        self.rows = (cu_seqlens, kwargs.get("max_length_q")) if cu_seqlens is not None else None
+
+    def __enter__(self):
+        for mixer in self.mixers:
+            mixer.__dict__[_ROWS] = self.rows
+
+    def __exit__(self, *exc):
+        for mixer in self.mixers:
+            mixer.__dict__.pop(_ROWS, None)
+
+
+class _HandoverReplay:
+    """A layer's gradient-checkpoint function whose replayed forward hands the metadata over."""
+
+    def __init__(self, checkpoint, mixers: list[nn.Module]):
+        self.checkpoint = checkpoint
+        self.mixers = mixers
+
+    def __call__(self, function, *args, **kwargs):
+        given = getattr(function, "keywords", None) or {}  # partial(forward, self, **layer kwargs)
+
+        def replayable(*a, **k):
+            with _Handover(self.mixers, given):
+                return function(*a, **k)
+
+        return self.checkpoint(replayable, *args, **kwargs)
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+@torch.compiler.disable
+def _mixer_call(forward: MixerForward, args, kwargs):
+    """Run the mixer on (N, S, H) rows of the packed (1, T, H) input; return the packed output.
+
+    The original forward is looked up here, out of dynamo's reach: a bound method that dynamo
+    hands over at the graph break comes back as ``module.forward``, which is this wrapper.
+    """
+    module = forward.module
+    original = _original(module, forward.previous)
+    cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_seqlens is None and module.__dict__.get(_ROWS) is not None:
+        cu_seqlens, max_seqlen = module.__dict__[_ROWS]
+    if cu_seqlens is None:
+        if packing():
+            raise RuntimeError(
+                f"seqpack: {type(module).__name__} was called without the packing metadata: this model "
+                "does not hand its layers' kwargs on, so it cannot be packed. Call seqpack.unpatch(model)."
+            )
+        return original(*args, **kwargs)  # an unpacked call (generation, a passed-through forward)
+    signature = _signature(type(module))
+    bound = signature.bind_partial(module, *args, **kwargs)
+    hidden = bound.arguments[list(signature.parameters)[1]]  # the first after self: (1, T, H)
+    total = hidden.shape[1]
+    layout = row_layout(cu_seqlens, int(max_seqlen), total)
+
+    def rows(value):  # every per-token input (hidden states, residuals, positions) as rows
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, total):
+            return to_rows(value[0], layout)  # (N, S, ...)
+        return value
+
+    for name, param in signature.parameters.items():
+        if name not in bound.arguments or name == "self":
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            # The kernels would read these as the (1, T) packing of what is now a padded batch.
+            extra = bound.arguments[name]
+            bound.arguments[name] = {k: rows(v) for k, v in extra.items() if k not in _PACKING}
+        else:
+            bound.arguments[name] = rows(bound.arguments[name])
+    if "attention_mask" in signature.parameters:
+        mask = torch.zeros(layout.rows * layout.width, dtype=torch.long, device=hidden.device)
+        bound.arguments["attention_mask"] = mask.index_fill(0, layout.slot, 1).view(layout.rows, layout.width)
+    out = original(*bound.args[1:], **bound.kwargs)
+
+    def packed(value):  # (N, S, ...) rows back to (1, T, ...)
+        if (
+            isinstance(value, torch.Tensor)
+            and value.ndim >= 2
+            and tuple(value.shape[:2]) == (layout.rows, layout.width)
+        ):
+            return from_rows(value, layout).unsqueeze(0)
+        return value
+
+    return tuple(packed(v) for v in out) if isinstance(out, tuple) else packed(out)
+
+
+def wrap_mixers(mixers) -> list[nn.Module]:
+    """Give each mixer its MixerForward, and each layer that drops kwargs its LayerForward.
+
+    Args:
+        mixers: (decoder layer, mixer module, whether the layer passes **kwargs to it) triples.
+    Returns:
+        The modules whose forward was replaced, for ``unwrap``; the eager layers among them are
+        the LayerForward ones (``eager_layers``).
+    """
+    wrapped, handovers = [], {}
+    for layer, mixer, passes_kwargs in mixers:
+        mixer.forward = MixerForward(mixer, mixer.__dict__.get("forward"))
+        wrapped.append(mixer)
+        if not passes_kwargs:
+            handovers.setdefault(id(layer), (layer, []))[1].append(mixer)
+    for layer, layer_mixers in handovers.values():
+        layer.forward = LayerForward(layer, layer.__dict__.get("forward"), layer_mixers)
+        wrapped.append(layer)
+    return wrapped
+
+
+def eager_layers(wrapped) -> set[int]:
+    """ids of the decoder layers that run eager (their mixers get the metadata by handover)."""
+    return {id(m) for m in wrapped if isinstance(m.__dict__.get("forward"), LayerForward)}
+
+
+def unwrap(modules) -> None:
+    for module in modules:
+        replay = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(replay, _HandoverReplay):
+            module._gradient_checkpointing_func = replay.checkpoint
+        current = module.__dict__.get("forward")
+        if isinstance(current, (MixerForward, LayerForward)):
+            if current.previous is None:
+                del module.forward
+            else:
+                module.forward = current.previous

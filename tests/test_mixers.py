@@ -1,0 +1,141 @@
+"""Hybrid models: Gated DeltaNet, Mamba and short-convolution layers see each packed sequence alone.
+
+tests/test_sweep.py checks every hybrid type on padded batches (logits right and left, the
+default training path's loss and gradients). Here: the paths around it, on the types users
+fine-tune (Qwen3.5's Gated DeltaNet, LFM2's short convolution, Jamba's Mamba layer, whose
+decoder layer hands the mixer no kwargs): pre-packed batches, gradient checkpointing, compiled
+layers over many batch shapes, unpatch, deepcopy, and the refusal of what cannot be packed.
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+from helpers import grads, padded_batch
+from tiny_models import build_tiny_model
+from torch._dynamo.utils import counters
+from torch.testing import assert_close
+from transformers import DataCollatorWithFlattening
+
+from seqpack import UnsupportedModelError, mixers, patch, unpatch
+from seqpack import compile as compiling
+
+HYBRIDS = ["qwen3_5_text", "lfm2", "jamba"]
+LENGTHS = [11, 5, 16, 1]
+
+
+def _model(model_type):
+    return build_tiny_model(model_type).train()
+
+
+def _alone(model, ids, mask):
+    """Each sequence run alone through the unpatched model: the truth."""
+    with torch.no_grad():
+        return [
+            model(input_ids=ids[r][mask[r].bool()][None], use_cache=False).logits[0] for r in range(len(ids))
+        ]
+
+
+def _mixer_modules(model):
+    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), mixers.MixerForward)]
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_prepacked_batches(model_type):
+    reference = _model(model_type)
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    assert _mixer_modules(model), "no sequence mixer was wrapped"
+    ids, mask, _ = padded_batch(LENGTHS, 16, vocab=200)
+    truth = _alone(reference, ids, mask)
+    features = [{"input_ids": ids[r][mask[r].bool()].tolist()} for r in range(len(LENGTHS))]
+    for flash_kwargs in (False, True):
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")(
+            features
+        )
+        with torch.no_grad():
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        assert_close(out, torch.cat(truth), rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_gradient_checkpointing(model_type, reentrant):
+    """The backward replays each layer; Jamba's mixer must get its metadata in the replay too."""
+    reference = _model(model_type)
+    model = copy.deepcopy(reference)
+    for m in (reference, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    patch(model, compile=False)
+    ids, mask, labels = padded_batch(LENGTHS, 16, vocab=200)
+    for m in (reference, model):
+        m.zero_grad()
+        m(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+    expected, got = grads(reference), grads(model)
+    assert got.keys() == expected.keys() and expected
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_compiled_layers_over_many_batch_shapes(monkeypatch, model_type):
+    """The mixer call is eager by design (a graph break); the compiled pieces of each layer settle
+    after a few warm-up shapes (the pieces after the break start static), then never recompile."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    reference = _model(model_type)
+    model = patch(copy.deepcopy(reference))
+    rng = random.Random(0)
+    shapes = [[5, 9, 3], [6], [12, 2, 7, 4]] + [
+        [rng.randint(2, 20) for _ in range(rng.randint(1, 6))] for _ in range(8)
+    ]
+    graphs = []
+    for seed, lengths in enumerate(shapes):
+        ids, mask, labels = padded_batch(lengths, max(lengths), vocab=200, seed=seed)
+        reference.zero_grad()
+        model.zero_grad()
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        ref.loss.backward()
+        out.loss.backward()
+        assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        expected = grads(reference)
+        for name, grad in grads(model).items():
+            assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1, "nothing was compiled"
+    assert graphs[-1] == graphs[2], f"batch shapes after the warm-up recompiled: {graphs}"
+
+
+def test_unpatch_and_deepcopy():
+    reference = _model("qwen3_5_text")
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    twin = copy.deepcopy(model)
+    assert _mixer_modules(twin) and all(m.forward.module is m for m in _mixer_modules(twin))
+    ids, mask, _ = padded_batch(LENGTHS, 16, vocab=200)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(
+            twin(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+        )
+    unpatch(model)
+    assert not _mixer_modules(model)
+    assert not any(isinstance(m.__dict__.get("forward"), mixers.LayerForward) for m in model.modules())
+    with torch.no_grad():
+        assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            reference(input_ids=ids, attention_mask=mask).logits,
+        )
+
+
+def test_a_mixer_that_gets_no_metadata_is_refused():
+    """Mamba2's head calls its backbone without **kwargs: nothing could reach the mixers."""
+    with pytest.raises(UnsupportedModelError, match=r"'mamba2'.*calls self.backbone without \*\*kwargs"):
+        patch(_model("mamba2"))
+
+
+def test_a_convolution_inside_attention_is_refused():
+    with pytest.raises(UnsupportedModelError, match="mixes tokens inside the attention module"):
+        patch(_model("zaya"))
