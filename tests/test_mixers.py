@@ -137,5 +137,5 @@ def test_a_mixer_that_gets_no_metadata_is_refused():
 
 
 def test_a_convolution_inside_attention_is_refused():
-    with pytest.raises(UnsupportedModelError, match="mixes tokens inside the attention module"):
+    with pytest.raises(UnsupportedModelError, match="a convolution mixes tokens inside the attention module"):
         patch(_model("zaya"))

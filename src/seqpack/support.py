@@ -195,12 +195,12 @@ def sequence_mixers(layers: nn.ModuleList) -> list | str:
             parent: nn.Module, layer=layer, attention=attention, inside=inside_attention, found=layer_mixers
         ):
             for name, child in parent.named_children():
-                if id(child) in inside:  # an attention module: any mixing inside it is not packed
-                    mixing = [m for m in child.modules() if m is not child and _mixes_tokens(m)]
+                if id(child) in inside:  # an attention module: a convolution inside it is not packed
+                    mixing = [m for m in child.modules() if isinstance(m, nn.Conv1d)]
                     if mixing:
                         return (
-                            f"{type(mixing[0]).__name__} mixes tokens inside the attention module "
-                            f"{type(child).__name__}, where packing cannot separate sequences"
+                            f"a convolution mixes tokens inside the attention module {type(child).__name__}, "
+                            "where packing cannot separate sequences"
                         )
                     continue
                 if _mixes_tokens(child) and child is not layer:
