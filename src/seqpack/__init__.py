@@ -7,6 +7,14 @@ Importing seqpack imports no optional package, writes no torch config and patche
 """
 
 from .patching import UnsupportedModelError, is_patched, patch, unpatch
+from .sampler import TokenBudgetBatchSampler
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError", "__version__"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "UnsupportedModelError",
+    "TokenBudgetBatchSampler",
+    "__version__",
+]

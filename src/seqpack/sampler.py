@@ -25,8 +25,9 @@ lightest batch (at most the mean of the batches still open) proves that every ex
 whatever order it has within its band. The Trainer reads ``len()`` once for all epochs, and DDP and
 FSDP need every rank to run the same number of steps; both hold by construction.
 
-This module imports nothing of the patch, and nothing but torch (a ``datasets.Dataset`` passed in
-is read through its own Arrow tables).
+Planning is O(n log n) per epoch, in Python, cached: about 0.1 s for GSM8K's 7,473 examples and
+4 s for a million on one CPU core. This module imports nothing of the patch, and nothing but torch
+(a ``datasets.Dataset`` passed in is read through its own Arrow tables).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Balance(NamedTuple):
 def _read_lengths(source: Any, column: str) -> torch.Tensor:
     """(n,) int64 token counts from a sequence of counts, or from a dataset's list column."""
     if hasattr(source, "column_names") and hasattr(source, "with_format"):  # a datasets.Dataset
+        if not hasattr(source, "__len__"):
+            raise TypeError("a batch sampler needs a map-style dataset; got an iterable (streaming) one")
         if column not in source.column_names:
             raise ValueError(
                 f"the dataset has no {column!r} column (it has {source.column_names}); pass column=NAME "
@@ -79,7 +82,7 @@ def _read_lengths(source: Any, column: str) -> torch.Tensor:
             counts = pc.list_value_length(table[column])
             if counts.null_count:
                 raise ValueError(f"the dataset's {column!r} column has missing (null) rows")
-            parts.append(torch.as_tensor(counts.to_numpy(), dtype=torch.int64))
+            parts.append(torch.tensor(counts.to_numpy(), dtype=torch.int64))  # a copy: Arrow's is read-only
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
     try:
         lengths = torch.as_tensor(source)
@@ -88,7 +91,12 @@ def _read_lengths(source: Any, column: str) -> torch.Tensor:
             "lengths must be a sequence of token counts (one int per example) or a datasets.Dataset "
             f"with a {column!r} column, got {type(source).__name__}"
         ) from e
-    if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
+    if (
+        lengths.ndim != 1
+        or lengths.dtype == torch.bool
+        or lengths.dtype.is_floating_point
+        or lengths.dtype.is_complex
+    ):
         raise TypeError(
             f"lengths must be a 1-D sequence of ints, got {lengths.dtype} of shape {tuple(lengths.shape)}"
         )
@@ -103,9 +111,10 @@ def _bands(lengths: torch.Tensor) -> torch.Tensor:
 class _BandStats(NamedTuple):
     """Per length band, longest band first: what ``_always_fits`` needs. All (bands,) int64."""
 
-    placed: torch.Tensor  # C_b: the examples of this band and the longer ones
+    placed: torch.Tensor  # C_b: the examples of this band and of the longer ones
     before: torch.Tensor  # P_b - max_b: their tokens, less this band's longest example
     longest: torch.Tensor  # max_b
+    shortest: torch.Tensor  # min_b: no example of this band or a longer one is shorter
 
 
 def _band_stats(lengths: torch.Tensor, bands: torch.Tensor) -> _BandStats:
@@ -114,7 +123,8 @@ def _band_stats(lengths: torch.Tensor, bands: torch.Tensor) -> _BandStats:
     count = zeros.scatter_add(0, inverse, torch.ones_like(lengths)).flip(0)
     total = zeros.scatter_add(0, inverse, lengths).flip(0)
     longest = zeros.scatter_reduce(0, inverse, lengths, "amax", include_self=False).flip(0)
-    return _BandStats(count.cumsum(0), total.cumsum(0) - longest, longest)
+    shortest = zeros.scatter_reduce(0, inverse, lengths, "amin", include_self=False).flip(0)
+    return _BandStats(count.cumsum(0), total.cumsum(0) - longest, longest, shortest)
 
 
 def _always_fits(stats: _BandStats, n: int, bins: int, cap: int | None, budget: int) -> bool:
@@ -123,22 +133,28 @@ def _always_fits(stats: _BandStats, n: int, bins: int, cap: int | None, budget: 
     Args:
         stats: ``_band_stats`` of the examples (each at most ``budget`` tokens).
         bins: the batches open to them; cap: the most examples a batch may hold (None: no limit).
-    An example goes to the lightest open batch; the first ``bins`` go to empty ones. Later, with
-    ``C`` examples placed holding ``P`` tokens, the batches holding ``cap`` examples are closed, so
-    at least ``bins - C // cap`` are open and the lightest holds at most ``P // open`` tokens. An
-    example of band b sees ``C <= C_b - 1`` and ``P <= P_b - its length``; the worst case is the
-    band's longest example coming last: ``(P_b - max_b) // open + max_b <= budget``.
+
+    An example goes to the lightest open batch; the first ``bins`` go to empty ones. An example of
+    band b arrives with at most ``C = C_b - 1`` examples placed, holding at most ``P = P_b - its
+    length`` tokens, each at least ``min_b`` long. Of the batches, ``x <= C // cap`` are closed
+    (full), holding at least ``x * cap * min_b`` tokens, so the lightest open one holds at most
+    ``(P - x * cap * min_b) // (bins - x)``, worst at x = 0 or x = C // cap; and, having fewer
+    than ``cap`` examples, at most ``(cap - 1)`` times the longest example. The worst example of
+    the band is its longest: it fits if that bound plus ``max_b`` is within the budget.
     """
     if n <= bins:
         return True
     if bins < 1:
         return False
-    closed = (stats.placed - 1) // cap if cap is not None else torch.zeros_like(stats.placed)
-    open_bins = bins - closed
-    if bool((open_bins < 1).any()):
-        return False
+    lightest = stats.before // bins
+    if cap is not None:
+        closed = (stats.placed - 1) // cap
+        if bool((closed >= bins).any()):
+            return False
+        full = (stats.before - closed * cap * stats.shortest) // (bins - closed)
+        lightest = torch.minimum(torch.maximum(lightest, full), (cap - 1) * stats.longest[0])
     needed = stats.placed > bins  # a band whose examples all meet empty batches fits as it is
-    return bool((stats.before // open_bins + stats.longest <= budget)[needed].all())
+    return bool((lightest + stats.longest <= budget)[needed].all())
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
@@ -166,10 +182,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             instead of the budget, and the balance is then what sums of that many lengths give.
         shuffle: shuffle within length bands, and the order of steps and of ranks in a step.
         seed: the same on every rank; the epoch's order is drawn from ``seed + epoch``.
-        drop_last: fill every step to the budget: ``num_steps`` is the number of full steps the
-            tokens allow (at least 1), and the examples that do not fit are left out, taken from
-            the end of the epoch's shuffled order (so different ones each epoch, fewer than one
-            step's worth of tokens plus the budget's margin). False: nothing is ever left out.
+        drop_last: one step fewer than it takes to hold every example (at least one step): the
+            examples that do not fit then are left out, from the end of the epoch's shuffled order
+            (so different ones each epoch; about what the last, partial step would have held). It
+            saves a step when the examples fill a fraction of the last one, as a DataLoader's
+            drop_last does. False (default): no example is ever left out.
         oversized: what to do with an example longer than ``max_tokens``. ``"error"`` (default):
             ValueError at construction, naming them; truncate the data (the tokenizer's
             ``max_length``) or raise the budget. ``"alone"``: each is a batch of its own, over the
@@ -250,7 +267,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"{n} examples cannot give each of {num_replicas} ranks a batch (no example is repeated)"
             )
-        self._bands = _bands(self.lengths.clamp(min=1))
+        self._bands = _bands(self.lengths)
         self.num_steps = self._count_steps(self.lengths, over)
 
     # ------------------------------------------------------------------ the step count
@@ -264,28 +281,30 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
         def fits(steps: int) -> bool:
             bins = steps * self.num_replicas
-            if (
-                examples.numel() < bins or alone > bins
-            ):  # each batch gets an example, each oversized one a batch
+            # Every batch gets an example, and each oversized one a batch of its own.
+            if examples.numel() < bins or alone > bins:
                 return False
             return _always_fits(stats, regular.numel(), bins - alone, self.max_examples, self.max_tokens)
 
         return fits
 
     def _count_steps(self, lengths: torch.Tensor, over: torch.Tensor) -> int:
-        """The epoch's step count: the fewest that always fit (drop_last: the full steps the tokens allow)."""
+        """The fewest steps that always hold every example; drop_last: one fewer (the partial step).
+
+        drop_last, when no step count holds them all: one example per batch, as many steps as the
+        examples allow.
+        """
         n, replicas = lengths.numel(), self.num_replicas
         alone = int(over.sum())
         regular = lengths[~over]
         batches = alone + math.ceil(int(regular.sum()) / self.max_tokens)
         if self.max_examples is not None:
             batches = max(batches, alone + math.ceil(regular.numel() / self.max_examples))
-        if self.drop_last:
-            full = (alone + int(regular.sum()) // self.max_tokens) // replicas
-            return max(1, min(full, n // replicas))
         low, high = max(1, math.ceil(batches / replicas)), n // replicas
         fits = self._fitter(torch.arange(n))
         if low > high or not fits(high):
+            if self.drop_last:
+                return high
             raise ValueError(
                 f"these {n} examples ({int(lengths.sum())} tokens, the longest {int(lengths.max())}) cannot "
                 f"give each of {replicas} ranks at least one example in every step within max_tokens="
@@ -298,7 +317,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 high = middle
             else:
                 low = middle + 1
-        return low
+        return max(1, low - 1) if self.drop_last else low
 
     # ------------------------------------------------------------------ one epoch
 
@@ -349,8 +368,13 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         loads = [0] * bins
         lightest = [(0, b) for b in range(bins)]  # (tokens, batch): a heap, already in order
         for i in dealt:
-            load, b = heapq.heappop(lightest)
             size = lengths[i]
+            if not lightest:
+                raise RuntimeError(
+                    f"seqpack internal error: every batch is full before example {i}; "
+                    "please report it with the lengths"
+                )
+            load, b = heapq.heappop(lightest)
             if size > budget:  # oversized="alone": first in the order, so it meets an empty batch
                 batches[b].append(i)
                 loads[b] = size
