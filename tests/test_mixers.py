@@ -139,3 +139,33 @@ def test_a_mixer_that_gets_no_metadata_is_refused():
 def test_a_convolution_inside_attention_is_refused():
     with pytest.raises(UnsupportedModelError, match="a convolution mixes tokens inside the attention module"):
         patch(_model("zaya"))
+
+
+def test_only_real_mixers_are_wrapped_and_their_layers_stay_compiled():
+    """RecurrentGemma's every class starts with "Recurrent": only its recurrent block is a mixer."""
+    model = patch(_model("recurrent_gemma"))
+    wrapped = {type(m).__name__ for m in _mixer_modules(model)}
+    assert wrapped == {"RecurrentGemmaRecurrentBlock"}
+    record = model._seqpack_record
+    assert len(record.compiled) == len(record.layers)  # no layer had to run eager
+
+
+def test_a_generous_max_length_is_not_the_rows_width():
+    """Collators may pass a bucket as max_length_q; the mixers' rows are as wide as the longest."""
+    from seqpack.packing import metadata_from_packed
+
+    cu = torch.tensor([0, 9, 14, 23], dtype=torch.int32)
+    meta = metadata_from_packed(1, 23, torch.device("cpu"), cu_seqlens=cu, max_seqlen=4096)
+    assert meta.max_seqlen == 9
+    reference = _model("qwen3_5_text")
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    ids = torch.randint(3, 200, (1, 23), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in (9, 5, 9)])[None]
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4096, max_length_k=4096)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=positions, **kwargs).logits[0]
+        truth = [
+            reference(input_ids=ids[:, a:b], use_cache=False).logits[0]
+            for a, b in ((0, 9), (9, 14), (14, 23))
+        ]
+    assert_close(out, torch.cat(truth), rtol=1e-4, atol=2e-4)

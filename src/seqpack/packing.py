@@ -171,13 +171,14 @@ def metadata_from_packed(
             f"cu_seq_lens_q must start at 0, never decrease and end at the packed length {total}; it runs "
             f"from {first} to {last}{' and decreases' if shortest < 0 else ''}."
         )
-    if max_seqlen is None:
-        max_seqlen = longest
-    elif int(max_seqlen) < longest:
+    if max_seqlen is not None and int(max_seqlen) < longest:
         raise ValueError(
             f"max_length_q={int(max_seqlen)} is shorter than the longest sequence in cu_seq_lens_q "
             f"({longest}); pass the longest length (or leave max_length_q out)."
         )
+    # The longest sequence itself, not the caller's bound: kernels take it as a hint, but the rows
+    # layout of the reference attention and the sequence mixers is that wide.
+    max_seqlen = longest
     if position_ids is None:
         position_ids = _restarting_positions(cu_seqlens, total)
     else:
@@ -223,8 +224,9 @@ class RowLayout(NamedTuple):
 def row_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> RowLayout:
     """Where each of the T packed tokens goes in a right-padded (N, S) layout, on the device.
 
-    No host sync and no data-dependent loop, so compiled code can use it; N comes from the shape of
-    ``cu_seqlens``, which is never sliced, so a compiled graph does not specialise on N == 1.
+    No host sync and no data-dependent loop, so compiled code can use it. N comes from the shape
+    of ``cu_seqlens`` (a batch of one sequence compiles one more graph, once: dynamo specialises
+    on the size-2 ``cu_seqlens``, then serves every batch).
 
     Example:
         >>> row_layout(torch.tensor([0, 2, 5]), 3, 5).slot.tolist()

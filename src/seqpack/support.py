@@ -169,9 +169,21 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def _own_name(cls: type) -> str:
+    """A class name without its model's prefix: RecurrentGemmaMlp -> Mlp, Qwen3_5GatedDeltaNet ->
+    GatedDeltaNet (read from the modeling module's name), so a model called "Recurrent..." does not
+    make every one of its modules look like a recurrence."""
+    module = cls.__module__.rsplit(".", 1)[-1]
+    if not module.startswith("modeling_"):
+        return cls.__name__
+    parts = module.removeprefix("modeling_").split("_")
+    prefix = "_?".join(re.escape(part) for part in parts)
+    return re.sub(f"^{prefix}", "", cls.__name__, flags=re.IGNORECASE) or cls.__name__
+
+
 def _mixes_tokens(module: nn.Module) -> bool:
     """A sequence mixer: named like one, or holding a convolution along the sequence itself."""
-    if _SEQUENCE_MIXERS.search(type(module).__name__):
+    if _SEQUENCE_MIXERS.search(_own_name(type(module))):
         return True
     return any(isinstance(child, nn.Conv1d) for child in module.children())
 
