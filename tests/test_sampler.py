@@ -14,9 +14,10 @@ import math
 
 import pytest
 import torch
+from test_frameworks import _tokenizer
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from seqpack import TokenBudgetBatchSampler, patch
 from seqpack.bench.data import load_default
@@ -358,18 +359,6 @@ def test_import_seqpack_stays_free_of_optional_packages():
 
 
 # --------------------------------------------------------------------------- loaders
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over tiny_llama's vocab ("w5 w17" -> [5, 17]); pad 0."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
-    )
 
 
 def _examples(n: int, seed: int, longest: int = 40) -> list[list[int]]:
