@@ -58,3 +58,11 @@ def per_sequence_logits(model, ids, mask):
 
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def enable_checkpointing(model, **kwargs):
+    """Gradient checkpointing by whichever name this transformers has (5.24 renamed it)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        return enable(activation_checkpointing_kwargs=kwargs or None)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from helpers import grads, padded_batch, tiny_llama
+from helpers import enable_checkpointing, grads, padded_batch, tiny_llama
 from torch._dynamo.utils import counters
 from torch.testing import assert_close
 
@@ -88,7 +88,7 @@ def test_compiled_layers_with_checkpointing_and_peft(monkeypatch, wrapper):
     reference, patched = tiny_llama(), tiny_llama()
     if wrapper == "gradient_checkpointing":
         for model in (reference, patched):
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
     else:
         peft = pytest.importorskip("peft")
         reference = peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from helpers import EAGER, grads, padded_batch, per_sequence_logits, tiny_llama
+from helpers import EAGER, enable_checkpointing, grads, padded_batch, per_sequence_logits, tiny_llama
 from torch.testing import assert_close
 from transformers import (
     AutoConfig,
@@ -154,7 +154,7 @@ def test_num_items_in_batch_and_accumulation():
 def test_gradient_checkpointing():
     reference, patched = tiny_llama(), tiny_llama()
     for model in (reference, patched):
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     patch(patched, **EAGER)
     _parity(reference, patched, *padded_batch(LENGTHS, L))
 

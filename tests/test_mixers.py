@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from helpers import grads, padded_batch
+from helpers import enable_checkpointing, grads, padded_batch
 from tiny_models import build_tiny_model
 from torch._dynamo.utils import counters
 from torch.testing import assert_close
@@ -65,7 +65,7 @@ def test_gradient_checkpointing(model_type, reentrant):
     reference = _model(model_type)
     model = copy.deepcopy(reference)
     for m in (reference, model):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        enable_checkpointing(m, use_reentrant=reentrant)
     patch(model, compile=False)
     ids, mask, labels = padded_batch(LENGTHS, 16, vocab=200)
     for m in (reference, model):
