@@ -1,7 +1,8 @@
 """The benchmark command on the CPU with the `tiny` preset: arguments, data, JSON, the loss check.
 
 One three-mode run (module fixture, a few tiny steps) feeds the output tests; the loss-check and
-failure tests add cheap padded-only modes to the registry for their duration.
+failure tests add cheap padded-only modes to the registry for their duration. The tests of
+``--nproc`` launch two CPU processes (gloo), each on one of the two cores.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import io
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
 
-from seqpack.bench import cli, data, modes, report, run
+from seqpack.bench import cli, data, modes, parallel, presets, report, run
 
 TINY_RUN = ["--model", "tiny", "--batch-size", "3", "--max-length", "100", "--steps", "2", "--warmup", "1"]
 RECORD_KEYS = {
@@ -39,6 +41,16 @@ RECORD_KEYS = {
     "loss_rel_diff": float,
     "loss_mismatch": bool,
     "speedup": float,
+    "world_size": int,
+    "shard": str,
+    "tokens_per_s_per_process": float,
+    "token_imbalance_max": float,
+    "token_imbalance_mean": float,
+    "busy_imbalance_max": float,
+    "busy_imbalance_mean": float,
+    "rank_real_tokens": list,
+    "rank_step_times_s": list,
+    "rank_busy_s": list,
     "device": str,
     "device_name": str,
     "torch_version": str,
@@ -113,6 +125,16 @@ def test_arguments_parse():
         (["--optimizer", "lion"], "invalid choice"),
         (["--batch-size", "0"], "must be >= 1"),
         (["--data", "my.jsonl"], "--data needs --tokenizer"),
+        (["--nproc", "0"], "argument --nproc: must be >= 1, got 0"),
+        (["--shard", "fsdp2"], "--shard needs several processes: --nproc 2 or more"),
+        (["--nproc", "1", "--shard", "ddp"], "--shard needs several processes"),
+        (["--nproc", "2", "--shard", "zero3"], "invalid choice: 'zero3'"),
+        (
+            ["--token-budget", "512", "--batch-size", "4"],
+            "--batch-size and --token-budget exclude each other",
+        ),
+        (["--token-budget", "0"], "argument --token-budget: must be >= 1"),
+        (["--oversized", "alone"], "--oversized needs --token-budget"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -120,6 +142,40 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
         cli.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_several_processes_on_cuda_need_a_gpu_each(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for argv, message in [
+        (["--nproc", "2"], "--nproc 2: only 1 CUDA device(s) here, one per process"),
+        (["--nproc", "2", "--device", "cuda:0"], "each process takes the GPU of its rank"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_under_torchrun_the_world_comes_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args = cli.parse_args(["--device", "cpu"])
+    assert (args.launched, args.world_size, args.several, args.shard) == (True, 2, True, "ddp")
+    assert cli.parse_args(["--device", "cpu", "--nproc", "2", "--shard", "fsdp2"]).shard == "fsdp2"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--nproc", "4"])
+    assert "torchrun started this process with WORLD_SIZE=2; leave --nproc out" in capsys.readouterr().err
+
+
+def test_a_token_budget_below_the_longest_example_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--token-budget", "300", "--modes", "padding"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token-budget 300: " in err and "examples are longer than the budget (the longest has 560" in err
+    assert "--max-length 300, or pass --oversized alone" in err
 
 
 def test_list_names_presets_and_modes(capsys):
@@ -279,6 +335,9 @@ def test_run_prints_the_table(tiny_run):
     assert "First-step loss agreement" in out and ": OK" in out
     assert "command: seqpack-bench --model tiny --batch-size 3" in out
     assert "tiny / seqpack" in err  # the progress report goes to stderr
+    # One process: the table of the main job, no columns of several processes.
+    assert "batch 3 ·" in out and "Per process" not in out and "imbalance" not in out
+    assert "processes:" not in out
 
 
 def test_json_has_one_record_per_model_and_mode(tiny_run):
@@ -297,6 +356,13 @@ def test_json_has_one_record_per_model_and_mode(tiny_run):
     assert len({(r["real_tokens"], r["padded_tokens"]) for r in records}) == 1
     assert records[0]["real_tokens"] < records[0]["padded_tokens"]
     assert records[0]["speedup"] == 1.0
+    for r in records:
+        assert (r["world_size"], r["shard"], r["token_budget"], r["rank_busy_s"]) == (1, "", None, [])
+        assert r["tokens_per_s_per_process"] == r["tokens_per_s"]
+        assert r["token_imbalance_max"] == r["busy_imbalance_max"] == 1.0
+        assert [sum(step) for step in r["rank_real_tokens"]] and sum(map(sum, r["rank_real_tokens"])) == (
+            r["real_tokens"]
+        )
 
 
 def test_every_mode_starts_from_the_same_loss(tiny_run):
@@ -452,3 +518,138 @@ def test_a_memory_step_out_of_memory_keeps_the_timings(monkeypatch, tmp_path):
     (record,) = json.loads(path.read_text())
     assert record["error"] is None and record["tokens_per_s"] > 0
     assert record["peak_mem_mb"] is None and record["activation_mem_mb"] is None  # NaN, written as null
+
+
+# --------------------------------------------------------------------------- several processes
+
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
+
+
+def test_a_token_budget_on_one_process_keeps_the_table():
+    path_args = ["--token-budget", "600", "--modes", "padding", "--steps", "2", "--warmup", "0"]
+    code, out, err = _main(path_args)
+    assert code == 0, err
+    assert "token budget 600 a batch (TokenBudgetBatchSampler)" in out
+    assert "| Time (s) | Throughput (token/s) | Memory (MB) | Speed-up |" in out and "imbalance" not in out
+    plan = data.make_plan(data.load_default(), num_steps=2, seed=0, token_budget=600)
+    assert all(len(step) == 1 and 0 < sum(map(len, step[0])) <= 600 for step in plan)
+
+
+def _global_first_loss(plan: list) -> float:
+    """The unpatched model's loss on the first step's batches of every rank, as one padded batch."""
+    model = presets.load_model(
+        "tiny",
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=0,
+        random_init=False,
+    )
+    with torch.no_grad():
+        return float(model(**modes.pad_batch([e for batch in plan[0] for e in batch], 0)).loss)
+
+
+@needs_gloo
+def test_two_processes_train_each_mode_with_ddp(tmp_path):
+    """padding and (compiled) seqpack under DDP on two processes: each rank its rank-strided batches,
+    the loss that of the global batch, the new columns printed and recorded."""
+    path = tmp_path / "out.json"
+    argv = [
+        "--nproc",
+        "2",
+        "--modes",
+        "padding,seqpack",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]
+    code, out, err = _main([*argv, "--json", str(path)])
+    assert code == 0, err
+    assert "(2 processes x 1 thread)" in out  # the CPU, split between the processes
+    assert "batch 2 per process" in out and "processes: 2 (gloo) · DDP" in out
+    assert (
+        "| Throughput (token/s) | Per process (token/s) | Memory (MB) | Speed-up | Token imbalance |" in out
+    )
+    assert "Busy imbalance |" in out and "Token imbalance: per step, the largest rank's real tokens" in out
+    assert "First-step loss agreement" in out and ": OK" in out
+
+    plan = data.make_plan(data.load_default(), num_steps=3, seed=0, world_size=2, batch_size=2)
+    tokens = [[sum(map(len, batch)) for batch in step] for step in plan[1:]]  # the timed steps
+    ratios = [max(step) / (sum(step) / 2) for step in tokens]
+    records = json.loads(path.read_text())
+    assert [r["mode"] for r in records] == ["padding", "seqpack"]
+    first = _global_first_loss(plan)
+    for r in records:
+        assert r["error"] is None
+        assert (r["world_size"], r["shard"], r["backend"], r["batch_size"]) == (2, "ddp", "gloo", 2)
+        assert r["rank_real_tokens"] == tokens and r["real_tokens"] == sum(map(sum, tokens))
+        assert r["token_imbalance_max"] == pytest.approx(max(ratios))
+        assert r["token_imbalance_mean"] == pytest.approx(sum(ratios) / len(ratios))
+        assert r["tokens_per_s"] == pytest.approx(r["real_tokens"] / r["time_s"])
+        assert r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"] / 2)
+        assert [len(step) for step in r["rank_busy_s"]] == [2, 2] and [
+            len(s) for s in r["rank_step_times_s"]
+        ] == [2, 2]
+        busy = [t for step in r["rank_busy_s"] for t in step]
+        assert all(0 < t for t in busy) and 1.0 <= r["busy_imbalance_mean"] <= r["busy_imbalance_max"] < 3
+        assert r["step_times_s"] == [max(step) for step in r["rank_step_times_s"]]
+        assert len(r["losses"]) == 3 and r["peak_mem_mb"] > r["held_mem_mb"] > 0
+        # num_items_in_batch counted every rank's targets: the loss of the global batch
+        assert r["first_loss"] == pytest.approx(first, rel=1e-5)
+    assert records[0]["token_imbalance_max"] > 1.01  # two examples a rank: the ranks differ
+
+
+@needs_gloo
+def test_a_token_budget_balances_the_ranks_under_fsdp2(tmp_path):
+    path = tmp_path / "out.json"
+    argv = ["--nproc", "2", "--shard", "fsdp2", "--token-budget", "600", "--modes", "padding,seqpack-eager"]
+    code, out, err = _main([*argv, "--steps", "3", "--warmup", "1", "--json", str(path)])
+    assert code == 0, err
+    assert "token budget 600 per process and step" in out and "FSDP2 (fully_shard per decoder layer" in out
+    assert "First-step loss agreement" in out and ": OK" in out
+    plan = data.make_plan(data.load_default(), num_steps=4, seed=0, world_size=2, token_budget=600)
+    records = json.loads(path.read_text())
+    for r in records:
+        assert (r["error"], r["shard"], r["token_budget"]) == (None, "fsdp2", 600)
+        assert r["rank_real_tokens"] == [[sum(map(len, batch)) for batch in step] for step in plan[1:]]
+        assert all(n <= 600 for step in r["rank_real_tokens"] for n in step)
+        assert 1.0 <= r["token_imbalance_mean"] <= r["token_imbalance_max"] <= 1.02  # GSM8K lengths
+        assert r["first_loss"] == pytest.approx(_global_first_loss(plan), rel=1e-5)
+    # A fixed count instead, three examples a rank (about as many tokens): far more uneven.
+    fixed = data.make_plan(data.load_default(), num_steps=50, seed=0, world_size=2, batch_size=3)
+    tokens = [[sum(map(len, batch)) for batch in step] for step in fixed]
+    assert max(max(step) / (sum(step) / 2) for step in tokens) > 1.2
+
+
+@needs_gloo
+def test_a_mode_failing_in_its_setup_is_a_row_and_the_others_run(tmp_path, capfd):
+    path = tmp_path / "out.json"
+    argv = ["--nproc", "2", "--modes", "hf-packing,padding", "--hf-attn", "no-such-attention"]
+    argv += ["--batch-size", "2", "--max-length", "32", "--steps", "1", "--warmup", "0", "--json", str(path)]
+    code, out, _ = _main(argv)
+    assert code == cli.EXIT_MODE_FAILED
+    assert "no-such-attention" in out and "| tiny  | padding (sdpa) |" in out
+    failed, ran = json.loads(path.read_text())
+    assert "no-such-attention" in failed["error"] and ran["error"] is None and ran["tokens_per_s"] > 0
+    # Both ranks failed the same way: the first failing one (rank 0) prints the traceback, once.
+    assert capfd.readouterr().err.count("Traceback (most recent call last)") == 1
+
+
+def _fail_on_rank_1(local_rank: int, init_method: str, result_path: str) -> None:
+    if local_rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    time.sleep(600)  # rank 0 as it would wait in a collective for rank 1
+
+
+@needs_gloo
+def test_a_failing_process_stops_the_others():
+    start = time.monotonic()
+    with pytest.raises(parallel.LaunchFailed, match="rank 1 failed on purpose"):
+        parallel.launch(_fail_on_rank_1, 2, ())
+    assert time.monotonic() - start < 60  # rank 0 was stopped, not waited for

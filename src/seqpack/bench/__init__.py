@@ -5,6 +5,7 @@ Layout, in the order a run flows:
     presets.py  published model configs built with random weights, or from_pretrained
     modes.py    the registry of modes: how a batch is fed and what is done to the model
     run.py      one (model, mode): training steps, timing, memory; the first-loss check
+    parallel.py --nproc: the launcher, the process group, DDP / FSDP2 wrapping
     report.py   the table, the JSON records, the plot
     cli.py      argument parsing and ``main()``
 

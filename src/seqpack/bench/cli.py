@@ -4,29 +4,39 @@
     seqpack-bench --model llama-3.2-1b              # on a GPU: bf16, batch 16
     seqpack-bench --model mistral-7b --batch-size 8 --json out.json --plot out.png
     seqpack-bench --model ./my-model --data my.jsonl --text-field text --tokenizer ./my-model
+    seqpack-bench --model llama-3.2-1b --nproc 8 --token-budget 4096    # DDP over 8 GPUs
+    seqpack-bench --nproc 2 --shard fsdp2 --batch-size 4                 # 2 CPU processes (gloo)
+    torchrun --nproc-per-node 8 -m seqpack.bench --model mistral-7b     # launched by torchrun
 
 On a GPU keep at least 2 warm-up steps (the default is 3): transformers' flex_attention compiles
 for the first packed length and again, shape-dynamic, for the second, and seqpack's first step has
 one-off costs too. Warm-up time is reported apart; each mode's slowest timed step is shown next to
 its median.
 
-Exit status: 0; 1 when a mode failed (its row says why); 3 when first-step losses disagree and
-``--strict-loss`` is given (without it the disagreement is a loud warning and a JSON flag).
+``--nproc N`` spawns N processes and prints rank 0's table from the parent (parallel.py says
+how and why); under torchrun the command runs as the rank torchrun made it, and rank 0 prints.
+
+Exit status: 0; 1 when a mode failed (its row says why) or a process failed (its traceback is
+printed); 2 for bad arguments; 3 when first-step losses disagree and ``--strict-loss`` is given
+(without it the disagreement is a loud warning and a JSON flag).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
 import torch
 
 from . import data as data_lib
+from . import parallel
 from .modes import CUDA_DEFAULT_MODES, DEFAULT_MODES, MODES
+from .parallel import SHARDS, Parallel
 from .presets import PRESETS, vocab_size
-from .report import environment, format_report, warn_mismatch, write_json, write_plot
-from .run import LOSS_TOLERANCE, BenchConfig, check_first_losses, run_mode, set_speedups
+from .report import Environment, environment, format_report, warn_mismatch, write_json, write_plot
+from .run import LOSS_TOLERANCE, BenchConfig, Result, check_first_losses, run_mode, set_speedups
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIT_MODE_FAILED = 1
@@ -123,7 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=_positive, default=16, help="examples per batch (default: 16)")
+    train.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="examples per batch, per process under --nproc (default: 16)",
+    )
+    train.add_argument(
+        "--token-budget",
+        type=_positive,
+        default=None,
+        metavar="T",
+        help="instead of --batch-size: batches from seqpack.TokenBudgetBatchSampler, at most T real tokens "
+        "each (per process and step under --nproc, the ranks balanced)",
+    )
+    train.add_argument(
+        "--oversized",
+        choices=["error", "alone"],
+        default=None,
+        help="with --token-budget, an example longer than T: an error (default), or a batch of its own",
+    )
     train.add_argument("--steps", type=_positive, help="timed steps per mode (default: 10 on GPU, 4 on CPU)")
     train.add_argument(
         "--warmup",
@@ -140,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     train.add_argument(
         "--seed", type=int, default=0, help="seeds the batches and every mode's initial weights (default: 0)"
+    )
+
+    dp = p.add_argument_group("several processes (data-parallel)")
+    dp.add_argument(
+        "--nproc",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="train every mode data-parallel in N processes, one device each (NCCL on CUDA, gloo on the "
+        "CPU); each rank its own batches, the loss over every rank's tokens. Under torchrun leave it out",
+    )
+    dp.add_argument(
+        "--shard",
+        choices=SHARDS,
+        default=None,
+        help="with several processes: ddp (default), or fsdp2 (fully_shard per decoder layer, then the "
+        "root; seqpack modes are patched first)",
     )
 
     out = p.add_argument_group("output")
@@ -186,7 +232,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not local_models:
             parser.error("--data needs --tokenizer (a preset has no tokenizer)")
         args.tokenizer = local_models[0]
+    if args.token_budget is not None and args.batch_size is not None:
+        parser.error(
+            "--batch-size and --token-budget exclude each other: a batch is a number of examples or a budget"
+        )
+    if args.oversized is not None and args.token_budget is None:
+        parser.error("--oversized needs --token-budget")
+    args.oversized = args.oversized or "error"
+    if args.token_budget is None and args.batch_size is None:
+        args.batch_size = 16
+    _parse_parallel(parser, args)
     return args
+
+
+def _parse_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set world_size, launched (by torchrun), several and shard; refuse what cannot run."""
+    launched = parallel.torchrun_world()
+    if launched is not None and args.nproc not in (None, launched):
+        parser.error(
+            f"--nproc {args.nproc}: torchrun started this process with WORLD_SIZE={launched}; "
+            "leave --nproc out under torchrun"
+        )
+    args.launched = launched is not None
+    args.world_size = launched if launched is not None else (args.nproc or 1)
+    args.several = args.launched or args.world_size > 1
+    if not args.several:
+        if args.shard is not None:
+            parser.error("--shard needs several processes: --nproc 2 or more (or a torchrun launch)")
+        return
+    args.shard = args.shard or "ddp"
+    what = f"--nproc {args.world_size}" if not args.launched else f"WORLD_SIZE={args.world_size}"
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(
+            f"{what}: several processes run on CUDA (NCCL) or the CPU (gloo), not {args.device.type}"
+        )
+    if args.device.type == "cuda" and not args.launched:
+        if args.device.index is not None:
+            parser.error(
+                f"--device {args.device}: under --nproc each process takes the GPU of its rank; "
+                "choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        if args.world_size > torch.cuda.device_count():
+            parser.error(f"{what}: only {torch.cuda.device_count()} CUDA device(s) here, one per process")
+    why = parallel.unavailable(args.device, args.shard)
+    if why:
+        parser.error(f"{what}: {why}")
 
 
 def _load_data(args: argparse.Namespace) -> data_lib.TokenData:
@@ -219,21 +309,31 @@ def _compile_summary(model: str, mode: str) -> str:
     return line + (f": {reasons}" if reasons else "")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.list:
-        print(_list())
-        return 0
-    dtype = DTYPES[args.dtype]
-    tolerance = args.loss_tol if args.loss_tol is not None else LOSS_TOLERANCE[dtype]
-    token_data = _load_data(args)
-    batches = data_lib.make_batches(
-        token_data,
-        batch_size=args.batch_size,
-        num_batches=args.warmup + args.steps,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+def _make_plan(args: argparse.Namespace, token_data: data_lib.TokenData) -> list:
+    try:
+        return data_lib.make_plan(
+            token_data,
+            num_steps=args.warmup + args.steps,
+            seed=args.seed,
+            world_size=args.world_size,
+            batch_size=args.batch_size,
+            token_budget=args.token_budget,
+            oversized=args.oversized,
+            max_length=args.max_length,
+        )
+    except ValueError as e:  # only a token budget raises it
+        build_parser().error(f"--token-budget {args.token_budget}: {e}")
+
+
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def _run_all(
+    args: argparse.Namespace, data_vocab: int, plan: list, device: torch.device, par: Parallel | None
+) -> tuple[list[Result], list[str]]:
+    """Every (model, mode) in this process; under several processes, every rank runs this."""
+    quiet = par is not None and par.rank != 0
     cfg = BenchConfig(
         batch_size=args.batch_size,
         steps=args.steps,
@@ -241,60 +341,142 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         optimizer=args.optimizer,
         lr=args.lr,
-        dtype=dtype,
-        device=args.device,
+        dtype=DTYPES[args.dtype],
+        device=device,
         random_init=args.random_init,
         hf_attn=args.hf_attn,
         seqpack_backend=args.seqpack_backend,
         memory_budget=args.memory_budget,
+        parallel=par,
     )
-    if args.explain:
+    if args.explain and not quiet:
         torch._logging.set_logs(graph_breaks=True, recompiles=True)
     results = []
     explained = []
     for model in args.model:
         model_vocab = vocab_size(model)
-        model_batches = batches
-        if token_data.vocab_size > model_vocab:
-            print(
-                f"note: {model} has a {model_vocab}-token vocab, smaller than the data's {token_data.vocab_size}: "
-                "token ids are folded (id % vocab); lengths are unchanged.",
-                file=sys.stderr,
-            )
-            model_batches = data_lib.fold_vocab(batches, model_vocab)
+        model_plan = plan
+        if data_vocab > model_vocab:
+            if not quiet:
+                print(
+                    f"note: {model} has a {model_vocab}-token vocab, smaller than the data's {data_vocab}: "
+                    "token ids are folded (id % vocab); lengths are unchanged.",
+                    file=sys.stderr,
+                )
+            model_plan = data_lib.fold_vocab(plan, model_vocab)
         for mode in args.modes:
             if args.explain:
                 torch._dynamo.utils.counters.clear()
-            results.append(run_mode(model, mode, model_batches, cfg))
+            results.append(run_mode(model, mode, model_plan, cfg))
             if args.explain:
                 explained.append(_compile_summary(model, mode))
+    return results, explained
 
+
+def _spawned(
+    local_rank: int,
+    init_method: str,
+    result_path: str,
+    args: argparse.Namespace,
+    data_vocab: int,
+    plan: list,
+    parent_threads: int,
+) -> None:
+    """One process of ``--nproc N`` (parallel.launch): rank 0 hands its results to the parent."""
+    if args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N processes share the parent's cores, as torchrun's OMP_NUM_THREADS=1 default intends
+        torch.set_num_threads(max(1, parent_threads // args.world_size))
+    par = Parallel(local_rank, args.world_size, local_rank, parallel.backend_for(args.device), args.shard)
+    device = _rank_device(args.device, local_rank)
+    parallel.start(par, device, init_method)
+    # A failure raises out of here and ends this process; the launcher stops the others.
+    results, explained = _run_all(args, data_vocab, plan, device, par)
+    if local_rank == 0:
+        parallel.write_result(result_path, (results, explained, environment(device, args.world_size)))
+    parallel.stop(device)
+
+
+def _finish(
+    args: argparse.Namespace,
+    command: str,
+    data_name: str,
+    results: list[Result],
+    explained: list[str],
+    env: Environment,
+    *,
+    report: bool = True,
+) -> int:
+    """Check the losses, print the table, write the JSON and plot (``report``); the exit status."""
+    tolerance = args.loss_tol if args.loss_tol is not None else LOSS_TOLERANCE[DTYPES[args.dtype]]
     check = check_first_losses(results, tolerance)
     set_speedups(results)
-    env = environment(args.device)
-    run = {
-        "command": shlex.join(["seqpack-bench", *(sys.argv[1:] if argv is None else argv)]),
-        "data": token_data.name,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "dtype": args.dtype,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "seed": args.seed,
-        "max_length": args.max_length,
-        "loss_tolerance": tolerance,
-    }
-    if not check.ok:
-        warn_mismatch(check)
-    print(format_report(results, check, env, run), flush=True)
-    if explained:
-        print("\ntorch.compile per mode (graphs after warm-up and timed steps):")
-        print("\n".join(explained))
-    if args.json:
-        write_json(args.json, results, env, run)
-    if args.plot:
-        write_plot(args.plot, results, env)
+    if report:
+        run = {
+            "command": command,
+            "data": data_name,
+            "batch_size": args.batch_size,
+            "token_budget": args.token_budget,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": args.dtype,
+            "optimizer": args.optimizer,
+            "lr": args.lr,
+            "seed": args.seed,
+            "max_length": args.max_length,
+            "loss_tolerance": tolerance,
+            "world_size": args.world_size,
+            "shard": args.shard or "",
+            "backend": parallel.backend_for(args.device) if args.several else None,
+        }
+        if not check.ok:
+            warn_mismatch(check)
+        print(format_report(results, check, env, run), flush=True)
+        if explained:
+            print("\ntorch.compile per mode (graphs after warm-up and timed steps):")
+            print("\n".join(explained))
+        if args.json:
+            write_json(args.json, results, env, run)
+        if args.plot:
+            write_plot(args.plot, results, env)
     if not check.ok and args.strict_loss:
         return EXIT_LOSS_MISMATCH
     return EXIT_MODE_FAILED if any(r.error for r in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print(_list())
+        return 0
+    command = shlex.join(["seqpack-bench", *(sys.argv[1:] if argv is None else argv)])
+    token_data = _load_data(args)
+    plan = _make_plan(args, token_data)
+
+    if args.several and not args.launched:  # --nproc N: spawn the ranks, report here
+        try:
+            results, explained, env = parallel.launch(
+                _spawned, args.world_size, (args, token_data.vocab_size, plan, torch.get_num_threads())
+            )
+        except parallel.LaunchFailed as e:
+            print(
+                f"seqpack-bench: a process failed; the others were stopped.\n{e}", file=sys.stderr, flush=True
+            )
+            return EXIT_MODE_FAILED
+        return _finish(args, command, token_data.name, results, explained, env)
+
+    par = None
+    device = args.device
+    if args.launched:  # torchrun made this process one rank: join its process group
+        local_rank = int(os.environ["LOCAL_RANK"])
+        rank = int(os.environ["RANK"])
+        par = Parallel(rank, args.world_size, local_rank, parallel.backend_for(device), args.shard)
+        device = _rank_device(device, local_rank)
+        parallel.start(par, device)
+    # Under torchrun a failure raises out of here and ends this rank; torchrun stops the others.
+    results, explained = _run_all(args, token_data.vocab_size, plan, device, par)
+    if par is not None:
+        parallel.stop(device)
+    env = environment(device, args.world_size)
+    return _finish(
+        args, command, token_data.name, results, explained, env, report=par is None or par.rank == 0
+    )

@@ -6,7 +6,9 @@ read with the standard library only, so the default run needs no network, tokeni
 A user's JSONL (or, online, a hub dataset) is tokenised here with their tokenizer.
 
 A batch is a list of examples, each a list of token ids; the modes turn it into tensors
-(padded or flattened) themselves, so every mode starts from the very same ids.
+(padded or flattened) themselves, so every mode starts from the very same ids. A plan is every
+rank's batch of every step (``plan[step][rank]``; one process: one batch a step), computed the
+same way in every process.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def load_text_data(
     return TokenData(f"{Path(source).name} ({Path(tokenizer).name})", examples, tok.vocab_size)
 
 
+def _pool(data: TokenData, max_length: int | None) -> list[list[int]]:
+    pool = [e[:max_length] if max_length else e for e in data.examples]
+    return [e for e in pool if len(e) >= 2]
+
+
 def make_batches(
     data: TokenData, *, batch_size: int, num_batches: int, seed: int, max_length: int | None = None
 ) -> list[list[list[int]]]:
@@ -149,8 +156,7 @@ def make_batches(
     Examples longer than ``max_length`` are cut to their first ``max_length`` tokens; examples
     shorter than 2 tokens are dropped (they have no next-token target).
     """
-    pool = [e[:max_length] if max_length else e for e in data.examples]
-    pool = [e for e in pool if len(e) >= 2]
+    pool = _pool(data, max_length)
     if len(pool) < batch_size:
         raise SystemExit(f"{data.name}: {len(pool)} usable examples, fewer than --batch-size {batch_size}")
     rng = random.Random(seed)
@@ -166,6 +172,60 @@ def make_batches(
     return batches
 
 
-def fold_vocab(batches: list[list[list[int]]], vocab_size: int) -> list[list[list[int]]]:
-    """Map ids into a smaller model vocab (id % vocab_size): keeps lengths, loses meaning."""
-    return [[[t % vocab_size for t in example] for example in batch] for batch in batches]
+def make_plan(
+    data: TokenData,
+    *,
+    num_steps: int,
+    seed: int,
+    world_size: int = 1,
+    batch_size: int | None = None,
+    token_budget: int | None = None,
+    oversized: str = "error",
+    max_length: int | None = None,
+) -> list[list[list[list[int]]]]:
+    """Every rank's batch of every step, ``plan[step][rank]``: the same in every process.
+
+    A fixed batch size: the seeded batches of ``make_batches`` dealt rank-strided, step s of rank
+    r being batch ``s * world_size + r`` (one process: ``make_batches``' batches as they are). A
+    token budget: ``seqpack.TokenBudgetBatchSampler``'s plan (at most ``token_budget`` real tokens
+    in a rank's batch, the ranks of a step balanced), epoch after epoch from ``seed``.
+
+    Raises:
+        ValueError: the token budget cannot hold these examples (the message names the options).
+    """
+    if token_budget is None:
+        batches = make_batches(
+            data, batch_size=batch_size, num_batches=num_steps * world_size, seed=seed, max_length=max_length
+        )
+        return [batches[s * world_size : (s + 1) * world_size] for s in range(num_steps)]
+    from seqpack import TokenBudgetBatchSampler
+
+    pool = _pool(data, max_length)
+    longer = [len(e) for e in pool if len(e) > token_budget]
+    if longer and oversized == "error":
+        raise ValueError(
+            f"{len(longer):,} of {len(pool):,} examples are longer than the budget (the longest has "
+            f"{max(longer)} tokens); raise it, cut the examples with --max-length {token_budget}, or pass "
+            "--oversized alone (each then makes a batch of its own, over the budget)"
+        )
+    # drop_last: the steps are taken from the front of each epoch, so leaving out what its last,
+    # partial step would hold costs nothing, and every budget that holds the longest example runs.
+    sampler = TokenBudgetBatchSampler(
+        [len(e) for e in pool],
+        max_tokens=token_budget,
+        num_replicas=world_size,
+        seed=seed,
+        drop_last=True,
+        oversized=oversized,
+    )
+    plan: list[list[list[list[int]]]] = []
+    epoch = 0
+    while len(plan) < num_steps:
+        plan += [[[pool[i] for i in batch] for batch in step] for step in sampler.plan(epoch)]
+        epoch += 1
+    return plan[:num_steps]
+
+
+def fold_vocab(plan: list[list[list[list[int]]]], vocab_size: int) -> list[list[list[list[int]]]]:
+    """Map a plan's ids into a smaller model vocab (id % vocab_size): keeps lengths, loses meaning."""
+    return [[[[t % vocab_size for t in example] for example in batch] for batch in step] for step in plan]

@@ -2,7 +2,9 @@
 
 The main table keeps the layout of the padding-free results in transformers PR #31629
 (Model | Data Process | Time (s) | Throughput (token/s) | Memory (MB)) plus a speed-up column, as a
-Markdown table that pastes into BENCHMARKS.md; the card and versions are printed above it.
+Markdown table that pastes into BENCHMARKS.md; the card and versions are printed above it. Under
+several processes it gains the per-GPU (per-process) throughput and the ranks' imbalance in tokens
+and in busy time, each defined below the table; on one process its shape is unchanged.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ class Environment:
     date: str
 
 
-def _cpu_name() -> str:
+def _cpu_name(processes: int = 1) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         name = ""
-    return f"{name or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    if processes > 1:
+        per = "thread" if threads == 1 else "threads"
+        return f"{name or platform.processor() or 'CPU'} ({processes} processes x {threads} {per})"
+    return f"{name or platform.processor() or 'CPU'} ({threads} threads)"
 
 
 def _seqpack_version() -> str:
@@ -52,10 +58,15 @@ def _seqpack_version() -> str:
         return getattr(seqpack, "__version__", "unknown")
 
 
-def environment(device: torch.device) -> Environment:
+def environment(device: torch.device, processes: int = 1) -> Environment:
+    """Where this process runs; ``processes``: how many such processes the run has (threads: this one's)."""
     import transformers
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        name = f"{processes} x {name}" if processes > 1 else name
+    else:
+        name = _cpu_name(processes)
     return Environment(
         device=str(device),
         device_name=name,
@@ -92,34 +103,89 @@ def _markdown(header: list[str], rows: list[list[str]], right: set[int]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+SHARD_NAMES = {"ddp": "DDP", "fsdp2": "FSDP2 (fully_shard per decoder layer, then the root)"}
+
+
+def _batching(run: dict) -> str:
+    several = run.get("world_size", 1) > 1
+    if run.get("token_budget"):
+        per = "per process and step" if several else "a batch"
+        return f"token budget {run['token_budget']:,} {per} (TokenBudgetBatchSampler)"
+    return f"batch {run['batch_size']}" + (" per process" if several else "")
+
+
+def _parallel_line(run: dict) -> str:
+    world = run["world_size"]
+    source = "the sampler's, balanced" if run.get("token_budget") else "rank-strided from one seeded list"
+    return (
+        f"processes: {world} ({run['backend']}) · {SHARD_NAMES[run['shard']]} · each rank its own batches "
+        f"({source}) · loss over every rank's target tokens (num_items_in_batch), x{world} before backward"
+    )
+
+
+def _imbalance_cell(worst: float, mean: float) -> str:
+    return f"{_fmt(worst, '.2f')} / {_fmt(mean, '.2f')}"
+
+
+def _parallel_footer(run: dict, unit: str, steps: int) -> list[str]:
+    world = run["world_size"]
+    return [
+        f"Throughput: every rank's real tokens over the timed stretch (barrier to barrier); per {unit}: "
+        f"that / {world}. Memory, held, activations: the largest rank's. Step times: the slowest rank's.",
+        "Token imbalance: per step, the largest rank's real tokens / the ranks' mean; shown as the worst "
+        f"step / the mean over the {steps} timed steps (1.00: every rank the same tokens).",
+        "Busy imbalance: the same ratio of the ranks' busy times, a rank's busy time being the time from the "
+        "step's start until its backward has produced the input embeddings' gradient, i.e. its own forward "
+        "and backward compute (a step's wall time is the same on every rank: the gradient collectives make "
+        "the others wait for the slowest)."
+        + (
+            " Under FSDP2 the per-layer all-gathers pace every rank to the slowest, so it understates the "
+            "imbalance."
+            if run["shard"] == "fsdp2"
+            else ""
+        ),
+    ]
+
+
 def format_report(results: list[Result], check: LossCheck, env: Environment, run: dict) -> str:
     """The text printed on stdout: environment, main table, details table, loss check."""
+    several = bool(run.get("shard"))  # several processes (or one started by torchrun)
     lines = [
         f"seqpack-bench · {env.device_name} · torch {env.torch_version} · transformers "
         f"{env.transformers_version} · seqpack {env.seqpack_version} · {env.date}",
-        f"data: {run['data']} · batch {run['batch_size']} · {run['steps']} timed steps after "
+        f"data: {run['data']} · {_batching(run)} · {run['steps']} timed steps after "
         f"{run['warmup']} warm-up · {run['dtype']} · optimizer {run['optimizer']} · seed {run['seed']}",
+        *([_parallel_line(run)] if several else []),
         f"command: {run['command']}",
         "",
     ]
+    unit = "GPU" if env.device.startswith("cuda") else "process"
+    header = ["Model", "Data Process", "Time (s)", "Throughput (token/s)", "Memory (MB)", "Speed-up"]
+    if several:
+        header[4:4] = [f"Per {unit} (token/s)"]
+        header += ["Token imbalance", "Busy imbalance"]
     rows = []
     for r in results:
         process = f"{r.mode} ({r.attn_implementation})" if r.attn_implementation else r.mode
         if r.error:
-            rows.append([r.model, process, "-", "-", "-", r.error.splitlines()[0][:60]])
+            rows.append([r.model, process, *["-"] * (len(header) - 3), r.error.splitlines()[0][:60]])
             continue
-        rows.append(
-            [
-                r.model,
-                process,
-                f"{r.time_s:.2f}",
-                f"{r.tokens_per_s:,.0f}",
-                _fmt(r.peak_mem_mb, ",.0f"),
-                _fmt(r.speedup, ".2f") + "x",
+        row = [
+            r.model,
+            process,
+            f"{r.time_s:.2f}",
+            f"{r.tokens_per_s:,.0f}",
+            _fmt(r.peak_mem_mb, ",.0f"),
+            _fmt(r.speedup, ".2f") + "x",
+        ]
+        if several:
+            row[4:4] = [f"{r.tokens_per_s_per_process:,.0f}"]
+            row += [
+                _imbalance_cell(r.token_imbalance_max, r.token_imbalance_mean),
+                _imbalance_cell(r.busy_imbalance_max, r.busy_imbalance_mean),
             ]
-        )
-    header = ["Model", "Data Process", "Time (s)", "Throughput (token/s)", "Memory (MB)", "Speed-up"]
-    lines.append(_markdown(header, rows, right={2, 3, 4, 5}))
+        rows.append(row)
+    lines.append(_markdown(header, rows, right=set(range(2, len(header)))))
 
     ran = [r for r in results if not r.error]
     if ran:
@@ -128,6 +194,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
             "",
             f"Throughput counts real tokens only: {real:,} real of {padded:,} padded "
             f"({100 * real / max(padded, 1):.0f}%) in the timed steps. Memory: {ran[0].mem_method}.",
+            *(_parallel_footer(run, unit, ran[0].steps) if several else []),
             "",
         ]
         detail = [

@@ -24,6 +24,22 @@ it runs out of memory, the mode's timings stand and its memory figures are NaN.
   touched, allocator slack included: an honest upper bound, noisier than the CUDA figure. Where
   Linux's ``clear_refs`` is unavailable, ``ru_maxrss`` is used and flagged: it is process-wide,
   so a step can inherit earlier peaks.
+
+Several processes (``cfg.parallel``, see parallel.py): every rank trains its own batches of each
+step (``plan[step][rank]``) through DDP or FSDP2, the model patched before it is wrapped. The loss
+is normalised as the HF Trainer does by default: ``num_items_in_batch`` is the number of target
+tokens (``labels[..., 1:] != -100``) of every rank's batch of the step, summed over the ranks (one
+all-reduce for all steps, before the first), and each rank backpropagates ``loss * world_size``
+because the wrappers average gradients; a step's loss is the sum of the ranks' losses, the loss of
+the global batch, so the first-loss check compares modes as it does on one process. The timed
+stretch starts and ends at a barrier; a step takes as long as its slowest rank. A rank's wall time
+per step cannot show imbalance (the gradient collectives make the others wait for the slowest),
+so each rank also records its *busy* time: from the step's start until its backward has produced
+the gradient of the input embeddings' output, i.e. all its forward and backward compute; DDP
+all-reduces the full buckets alongside it, and the wait for the slowest rank comes after. (FSDP2
+all-gathers every layer's weights in the forward and again in the backward, which makes every rank
+keep pace with the slowest layer by layer, so there the busy times understate the imbalance; the
+token ratio does not.) Memory is the largest rank's.
 """
 
 from __future__ import annotations
@@ -43,7 +59,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modes import MODES, ModeOptions
+from . import parallel
+from .modes import IGNORE_INDEX, MODES, ModeOptions
+from .parallel import Parallel
 from .presets import load_model
 
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -65,6 +83,7 @@ class BenchConfig:
     hf_attn: str | None = None
     seqpack_backend: str = "auto"
     memory_budget: float | None = None
+    parallel: Parallel | None = None  # None: one process, no wrapper
 
 
 @dataclass
@@ -81,8 +100,19 @@ class Result:
     step_time_median_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
-    real_tokens: int = 0
+    real_tokens: int = 0  # every rank's, in the timed steps
     padded_tokens: int = 0
+    world_size: int = 1
+    shard: str = ""  # "ddp" or "fsdp2" under several processes
+    tokens_per_s_per_process: float = 0.0
+    # Per timed step, the largest rank's value over the ranks' mean; the worst step and the mean.
+    token_imbalance_max: float = 1.0
+    token_imbalance_mean: float = 1.0
+    busy_imbalance_max: float = 1.0
+    busy_imbalance_mean: float = 1.0
+    rank_real_tokens: list[list[int]] = field(default_factory=list)  # (timed steps, ranks)
+    rank_step_times_s: list[list[float]] = field(default_factory=list)  # (timed steps, ranks)
+    rank_busy_s: list[list[float]] = field(default_factory=list)  # (timed steps, ranks); [] on one
     peak_mem_mb: float = 0.0
     held_mem_mb: float = 0.0
     activation_mem_mb: float = 0.0
@@ -130,12 +160,19 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard (DTensor): this rank's part
+
+
 def _state_bytes(model: torch.nn.Module, optimizer) -> int:
     """Bytes of the distinct storages behind parameters, their gradients and optimizer state."""
-    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors = [_local(t) for p in model.parameters() for t in (p, p.grad) if t is not None]
     if optimizer is not None:
         tensors += [
-            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+            _local(t)
+            for state in optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
         ]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
@@ -209,8 +246,8 @@ def memory_meter(device: torch.device):
 class Progress:
     """A one-line progress bar on stderr (a line per mode when stderr is not a terminal)."""
 
-    def __init__(self, label: str, total: int, warmup: int, stream=None):
-        self.label, self.total, self.warmup = label, total, warmup
+    def __init__(self, label: str, total: int, warmup: int, stream=None, quiet: bool = False):
+        self.label, self.total, self.warmup, self.quiet = label, total, warmup, quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.done = 0
@@ -218,7 +255,7 @@ class Progress:
         self._draw()
 
     def _draw(self) -> None:
-        if not self.tty:
+        if not self.tty or self.quiet:
             return
         width = 24
         filled = width * self.done // max(self.total, 1)
@@ -233,6 +270,8 @@ class Progress:
         self._draw()
 
     def close(self, note: str = "") -> None:
+        if self.quiet:
+            return
         elapsed = time.perf_counter() - self.start
         if self.tty:
             self.stream.write("\r\033[K")
@@ -266,18 +305,20 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
 
 
 def _forward_backward(
-    model, inputs: dict, device: torch.device, context=contextlib.nullcontext
+    model, inputs: dict, device: torch.device, context=contextlib.nullcontext, scale: int = 1
 ) -> torch.Tensor:
     with context():
         loss = model(**_to_device(inputs, device), use_cache=False).loss
-        loss.backward()
+        # scale = world size: DDP and FSDP2 average the gradients over the ranks, and each rank's
+        # loss is already its share of the global batch's (num_items_in_batch counts every rank's).
+        (loss * scale if scale != 1 else loss).backward()
     return loss
 
 
 def _train_step(
-    model, optimizer, inputs: dict, device: torch.device, context=contextlib.nullcontext
+    model, optimizer, inputs: dict, device: torch.device, context=contextlib.nullcontext, scale: int = 1
 ) -> torch.Tensor:
-    loss = _forward_backward(model, inputs, device, context)
+    loss = _forward_backward(model, inputs, device, context, scale)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)  # what Trainer, Accelerate and optimizer.zero_grad() do
@@ -290,73 +331,201 @@ def _token_counts(batches: list[list[list[int]]]) -> tuple[int, int]:
     return real, padded
 
 
-def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cfg: BenchConfig) -> Result:
-    """Train a fresh model for len(batches) steps in one mode; the first cfg.warmup are warm-up.
+def _imbalance(per_step: list[list[float]]) -> tuple[float, float]:
+    """(worst, mean) over the steps of (largest rank's value / the ranks' mean); NaN if one is unknown."""
+    ratios = []
+    for values in per_step:
+        mean = sum(values) / len(values)
+        if not (mean > 0 and all(math.isfinite(v) for v in values)):
+            return math.nan, math.nan
+        ratios.append(max(values) / mean)
+    if not ratios:
+        return math.nan, math.nan
+    return max(ratios), sum(ratios) / len(ratios)
+
+
+def _largest(values: list[float]) -> float:
+    return math.nan if any(not math.isfinite(v) for v in values) else max(values)
+
+
+class _BusyClock:
+    """When each step's backward has produced the gradient of the input embeddings' output.
+
+    That is the end of this rank's own forward and backward compute (the embedding's weight
+    gradient, left after it, is a scatter-add): the time from the step's start to it is the rank's
+    busy time, the waits for the other ranks excluded where the wrapper lets them run alongside
+    (DDP's bucket all-reduces). CUDA: an event recorded in the hook, on the backward's stream.
+    """
+
+    def __init__(self, embeddings: torch.nn.Module, cuda: bool):
+        self.cuda = cuda
+        self.step = 0
+        self.marks: dict[int, object] = {}
+        self._handle = embeddings.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            step = self.step
+            output.register_hook(lambda grad: self._mark(step))
+
+    def _mark(self, step: int) -> None:
+        # A later mark of the same step wins: an embedding called twice gets its first call's
+        # gradient last.
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[step] = event
+        else:
+            self.marks[step] = time.perf_counter()
+
+    def busy(self, step: int, start) -> float:
+        """Seconds from ``start`` (perf_counter, or a CUDA event) to the step's mark; NaN without one."""
+        mark = self.marks.get(step)
+        if mark is None:
+            return math.nan
+        return start.elapsed_time(mark) / 1e3 if self.cuda else mark - start
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _setup(model_name: str, mode, options: ModeOptions, batches, cfg: BenchConfig):
+    """The mode's model, this rank's inputs, and FSDP2's layers: no collectives in here."""
+    _release_memory(cfg.device)
+    model = load_model(
+        model_name,
+        attn_implementation=mode.attn_implementation(options),
+        dtype=cfg.dtype,
+        device=cfg.device,
+        seed=cfg.seed,
+        random_init=cfg.random_init,
+    )
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    inputs = [mode.collate(batch, pad_id) for batch in batches]
+    model = mode.prepare(model, options)  # patch before any wrapper: the layers it compiles are sharded
+    fsdp2 = cfg.parallel is not None and cfg.parallel.shard == "fsdp2"
+    layers = parallel.decoder_layers(model) if fsdp2 else []
+    return model, inputs, layers
+
+
+def _without_grad_sync(ddp_model, inner):
+    """A step context: DDP's ``no_sync()`` together with the mode's own."""
+
+    @contextlib.contextmanager
+    def context():
+        with ddp_model.no_sync(), inner():
+            yield
+
+    return context
+
+
+def _count_targets(inputs: list[dict]) -> None:
+    """Add transformers' ``num_items_in_batch`` to each step's inputs: every rank's target tokens.
+
+    The Trainer's count (``labels[..., 1:] != -100``, gathered over the ranks), for all steps in
+    one all-reduce before the first instead of one per step.
+    """
+    local = [int((x["labels"][..., 1:] != IGNORE_INDEX).sum()) for x in inputs]
+    for x, count in zip(inputs, parallel.sum_over_ranks(local), strict=True):
+        x["num_items_in_batch"] = torch.tensor(count)  # a tensor, as the Trainer's: no recompile per value
+
+
+def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]], cfg: BenchConfig) -> Result:
+    """Train a fresh model for len(plan) steps in one mode; the first cfg.warmup are warm-up.
 
     Args:
-        batches: lists of token-id lists, the same for every mode.
+        plan: ``plan[step][rank]``, a list of token-id lists: each rank's batch of each step, the
+            same for every mode and in every process (one process: one batch a step).
     Returns:
-        the Result; on failure (out of memory included) with ``error`` set, never raising.
+        the Result (the same on every rank); on failure (out of memory included) with ``error``
+        set, never raising, except under several processes after the mode's setup: a failure in
+        the steps, where the ranks wait on each other, raises (see parallel.py).
     """
     mode = MODES[mode_name]
+    par = cfg.parallel
+    rank, world = (par.rank, par.world_size) if par else (0, 1)
     options = ModeOptions(cfg.device, cfg.hf_attn, cfg.seqpack_backend, cfg.memory_budget)
-    result = Result(model_name, mode_name, steps=len(batches) - cfg.warmup, warmup_steps=cfg.warmup)
-    result.real_tokens, result.padded_tokens = _token_counts(batches[cfg.warmup :])
+    result = Result(
+        model_name,
+        mode_name,
+        steps=len(plan) - cfg.warmup,
+        warmup_steps=cfg.warmup,
+        world_size=world,
+        shard=par.shard if par else "",
+    )
+    timed = plan[cfg.warmup :]
+    result.real_tokens, result.padded_tokens = _token_counts([batch for step in timed for batch in step])
+    result.rank_real_tokens = [[sum(map(len, batch)) for batch in step] for step in timed]
+    result.token_imbalance_max, result.token_imbalance_mean = _imbalance(result.rank_real_tokens)
+    batches = [step[rank] for step in plan]  # this rank's
     cuda = cfg.device.type == "cuda"
     meter = memory_meter(cfg.device)
     result.mem_method = meter.method
-    progress = Progress(f"{model_name} / {mode_name}", len(batches), cfg.warmup)
-    model = optimizer = None
+    progress = Progress(f"{model_name} / {mode_name}", len(plan), cfg.warmup, quiet=rank != 0)
+    model = optimizer = clock = None
+    in_steps = False  # under several processes: past the point where a failure can be agreed on
     try:
-        _release_memory(cfg.device)
-        model = load_model(
-            model_name,
-            attn_implementation=mode.attn_implementation(options),
-            dtype=cfg.dtype,
-            device=cfg.device,
-            seed=cfg.seed,
-            random_init=cfg.random_init,
-        )
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        inputs = [mode.collate(batch, pad_id) for batch in batches]
-        model = mode.prepare(model, options)
-        result.attn_implementation = mode.describe_attention(model, options)
+        error = None
+        try:
+            model, inputs, layers = _setup(model_name, mode, options, batches, cfg)
+            result.attn_implementation = mode.describe_attention(model, options)
+        except Exception as e:
+            error = e
+        if par is not None:
+            error = parallel.agree(error)
+        if error is not None:
+            raise error
+        scale = 1
+        if par is not None:
+            in_steps = True
+            _count_targets(inputs)
+            embeddings = model.get_input_embeddings()
+            model = parallel.wrap(model, par, cfg.device, layers)
+            clock = _BusyClock(embeddings, cuda)
+            scale = world
         optimizer = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.device)
 
-        losses, events = [], []
+        losses, events, starts = [], [], []
         warmup_start = time.perf_counter()
         timed_start = warmup_start
         for i, step_inputs in enumerate(inputs):
             if i == cfg.warmup:
                 if cuda:
                     torch.cuda.synchronize(cfg.device)
+                if par is not None:
+                    parallel.barrier(cfg.device)  # every rank starts the timed stretch together
                 timed_start = time.perf_counter()
                 result.warmup_time_s = timed_start - warmup_start
+            if clock is not None:
+                clock.step = i
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             else:
-                step_start = time.perf_counter()
-            losses.append(_train_step(model, optimizer, step_inputs, cfg.device, mode.step_context))
+                start = time.perf_counter()
+            starts.append(start)
+            losses.append(_train_step(model, optimizer, step_inputs, cfg.device, mode.step_context, scale))
             if cuda:
                 end.record()
                 events.append((start, end))
             else:
-                events.append(time.perf_counter() - step_start)
+                events.append(time.perf_counter() - start)
             progress.step()
         if cuda:
             torch.cuda.synchronize(cfg.device)
+        if par is not None:
+            parallel.barrier(cfg.device)  # ... and it ends when the slowest is done
         end_time = time.perf_counter()
         if cfg.warmup >= len(inputs):
             result.warmup_time_s = end_time - warmup_start
         else:
             result.time_s = end_time - timed_start
         step_times = [s.elapsed_time(e) / 1e3 for s, e in events] if cuda else events
-        result.step_times_s = step_times[cfg.warmup :]
-        result.step_time_median_s = statistics.median(result.step_times_s) if result.step_times_s else 0.0
-        result.tokens_per_s = result.real_tokens / result.time_s if result.time_s > 0 else 0.0
-        result.losses = [float(loss) for loss in losses]
-        result.first_loss = result.losses[0]
+        busy = []
+        if clock is not None:
+            busy = [clock.busy(i, starts[i]) for i in range(cfg.warmup, len(inputs))]
+            clock.remove()
+        local_losses = [float(loss) for loss in losses]
 
         # The memory step: forward and backward with every gradient allocated, so that its peak is
         # the most this mode needs. The optimizer state takes no part in them: its bytes count in
@@ -369,25 +538,75 @@ def run_mode(model_name: str, mode_name: str, batches: list[list[list[int]]], cf
         if optimizer is not None:
             optimizer.state.clear()
         biggest = max(range(len(batches)), key=lambda i: len(batches[i]) * max(map(len, batches[i])))
+        context = mode.step_context
+        if par is not None and par.shard == "ddp":
+            # No gradient all-reduce: a rank out of memory here leaves no other rank waiting in one
+            # (the forward's buffer broadcast comes before any compute).
+            context = _without_grad_sync(model, mode.step_context)
         note = ""
         try:
             activation = meter.activation(
-                functools.partial(_forward_backward, model, inputs[biggest], cfg.device, mode.step_context)
+                functools.partial(_forward_backward, model, inputs[biggest], cfg.device, context, scale)
             )
-            result.held_mem_mb, result.peak_mem_mb = held / 2**20, (held + activation) / 2**20
+            held_mb, peak_mb = held / 2**20, (held + activation) / 2**20
         except torch.cuda.OutOfMemoryError:  # the timed steps fit; report them, with no memory figure
-            result.held_mem_mb = result.peak_mem_mb = math.nan
+            if par is not None and par.shard == "fsdp2":
+                raise  # the other ranks wait in this step's all-gathers
+            held_mb = peak_mb = math.nan
             note = ", memory step out of memory"
+
+        if par is None:
+            result.step_times_s = step_times[cfg.warmup :]
+            result.rank_step_times_s = [[t] for t in result.step_times_s]
+            result.losses = local_losses
+        else:
+            mine = {
+                "steps": step_times,
+                "busy": busy,
+                "warmup": result.warmup_time_s,
+                "time": result.time_s,
+                "losses": local_losses,
+                "held": held_mb,
+                "peak": peak_mb,
+                "note": note,
+            }
+            ranks = parallel.gather(mine)
+            per_step = [list(column) for column in zip(*(r["steps"] for r in ranks), strict=True)]
+            result.rank_step_times_s = per_step[cfg.warmup :]
+            result.step_times_s = [max(column) for column in result.rank_step_times_s]
+            result.rank_busy_s = [list(column) for column in zip(*(r["busy"] for r in ranks), strict=True)]
+            result.busy_imbalance_max, result.busy_imbalance_mean = _imbalance(result.rank_busy_s)
+            result.warmup_time_s = max(r["warmup"] for r in ranks)
+            result.time_s = max(r["time"] for r in ranks)
+            # Each rank's loss is its tokens' share of the global mean: their sum is the step's loss.
+            result.losses = [sum(column) for column in zip(*(r["losses"] for r in ranks), strict=True)]
+            held_mb, peak_mb = _largest([r["held"] for r in ranks]), _largest([r["peak"] for r in ranks])
+            note = next((r["note"] for r in ranks if r["note"]), "")
+        result.step_time_median_s = statistics.median(result.step_times_s) if result.step_times_s else 0.0
+        result.tokens_per_s = result.real_tokens / result.time_s if result.time_s > 0 else 0.0
+        result.tokens_per_s_per_process = result.tokens_per_s / world
+        result.first_loss = result.losses[0]
+        result.held_mem_mb, result.peak_mem_mb = held_mb, peak_mb
         result.activation_mem_mb = result.peak_mem_mb - result.held_mem_mb
         progress.close(f"({result.tokens_per_s:,.0f} token/s{note})")
     except Exception as e:  # one mode failing (OOM, an unsupported model) must not hide the others
+        if in_steps:  # under several processes: end this process; the launcher stops the others
+            progress.close(f"FAILED: {type(e).__name__}")
+            raise
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-        result.error = "out of memory" if oom else f"{type(e).__name__}: {e}"
+        if oom:
+            result.error = "out of memory"
+        elif isinstance(e, parallel.RankFailed):  # the failing rank prints the traceback
+            result.error = str(e)
+        else:
+            result.error = f"{type(e).__name__}: {e}"
         progress.close(f"FAILED: {result.error.splitlines()[0]}")
-        if not oom:
+        if not oom and not isinstance(e, parallel.RankFailed):
             traceback.print_exc()
     finally:
-        del model, optimizer  # the next mode's _release_memory collects them
+        if clock is not None:
+            clock.remove()
+        del model, optimizer, clock  # the next mode's _release_memory collects them
     return result
 
 
