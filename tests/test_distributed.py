@@ -306,8 +306,9 @@ def _trainer_worker(rank: int, tmp: str, port: int) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     from datasets import Dataset
+    from test_frameworks import _args
     from test_sampler import TokenBudgetTrainer, _rows_to_examples, _tokenizer
-    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling
 
     examples = _examples()
     model = tiny_llama()
@@ -320,21 +321,12 @@ def _trainer_worker(rank: int, tmp: str, port: int) -> None:
 
     model.register_forward_pre_hook(record, with_kwargs=True)
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: packed.append(a[0].shape[0] == 1))
-    args = TrainingArguments(
-        output_dir=f"{tmp}/out",
+    args = _args(
+        tmp_path=f"{tmp}/out",
         max_steps=STEPS,
         gradient_accumulation_steps=ACCUM,
         learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
         max_grad_norm=0.0,  # no clipping: the reference does not clip
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
     trainer = TokenBudgetTrainer(
         model=model,

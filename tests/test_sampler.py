@@ -14,10 +14,10 @@ import math
 
 import pytest
 import torch
-from test_frameworks import _tokenizer
+from test_frameworks import _args, _tokenizer
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, Trainer
 
 from seqpack import TokenBudgetBatchSampler, patch
 from seqpack.bench.data import load_default
@@ -488,21 +488,8 @@ def _trainer_run(tmp_path, examples, *, patch_it: bool):
     model.get_input_embeddings().register_forward_hook(
         lambda m, args, out: packed.append(args[0].shape[0] == 1)
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,  # 2 epochs: 4 batches an epoch, 2 per optimizer step
-        gradient_accumulation_steps=2,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    # 2 epochs: 4 batches an epoch, 2 per optimizer step
+    args = _args(tmp_path=tmp_path, max_steps=4, gradient_accumulation_steps=2, learning_rate=0.5)
     trainer = TokenBudgetTrainer(
         model=model,
         args=args,
