@@ -156,95 +156,105 @@ def _setup_worker(rank: int, rendezvous: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
+def _teardown() -> None:
+    """Leave the group once this process's models and wrappers are gone (the bench's own teardown).
+
+    A DDP wrapper that outlives ``destroy_process_group`` holds the last reference to the gloo group,
+    and freeing it then joins gloo's threads with the GIL held while one of them waits for the GIL
+    to free a tensor: the process hangs at exit (seen in CI, about one run in five on two cores).
+    """
+    from seqpack.bench import parallel
+
+    parallel.stop(torch.device("cpu"))
+
+
 def _train_worker(rank: int, tmp: str, mode: str, checkpointing: bool) -> None:
     _setup_worker(rank, f"{tmp}/rendezvous")
-    try:
-        from torch._dynamo.utils import counters
+    torch.save(_train(rank, mode, checkpointing), f"{tmp}/rank{rank}.pt")
+    _teardown()  # _train's models and wrappers died with its frame
 
-        import seqpack.compile
 
-        # aot_eager still runs all that compile=True does to a layer in these wrappers (dynamo's
-        # capture of the layer, its guards and dynamic shapes, AOT autograd's joint graph and the
-        # backward as a compiled function under DDP's and FSDP2's hooks), but skips inductor's C++
-        # code generation, which would take minutes on two shared cores.
-        seqpack.compile.BACKEND = "aot_eager"
-        if checkpointing:
-            # With dynamic=True the layers' float attributes (RMSNorm eps, attention scaling) are
-            # traced as symbols; under FSDP2 the symbolic-shape reasoning over them, here for the
-            # forward and the checkpointed recompute, takes about a minute on two CPU cores, about
-            # 20 s with them specialized. The graph computes the same either way, and this case is
-            # about checkpointing under FSDP2: it specializes them to stay quick.
-            torch._dynamo.config.specialize_float = True
-        model = tiny_llama()
-        patch(model, compile=True)  # patch first, then wrap or shard
-        if checkpointing:
-            # transformers' default (non-reentrant torch.utils.checkpoint), as the Trainer's
-            # gradient_checkpointing=True turns it on; 5.24 names it activation_checkpointing_enable,
-            # 5.17 has only the old name
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            )
-            enable()
-            assert model.is_gradient_checkpointing
-        packed = []
-        model.get_input_embeddings().register_forward_hook(
-            lambda m, a, out: packed.append(a[0].shape[0] == 1)
+def _train(rank: int, mode: str, checkpointing: bool) -> dict:
+    from torch._dynamo.utils import counters
+
+    import seqpack.compile
+
+    # aot_eager still runs all that compile=True does to a layer in these wrappers (dynamo's
+    # capture of the layer, its guards and dynamic shapes, AOT autograd's joint graph and the
+    # backward as a compiled function under DDP's and FSDP2's hooks), but skips inductor's C++
+    # code generation, which would take minutes on two shared cores.
+    seqpack.compile.BACKEND = "aot_eager"
+    if checkpointing:
+        # With dynamic=True the layers' float attributes (RMSNorm eps, attention scaling) are
+        # traced as symbols; under FSDP2 the symbolic-shape reasoning over them, here for the
+        # forward and the checkpointed recompute, takes about a minute on two CPU cores, about
+        # 20 s with them specialized. The graph computes the same either way, and this case is
+        # about checkpointing under FSDP2: it specializes them to stay quick.
+        torch._dynamo.config.specialize_float = True
+    model = tiny_llama()
+    patch(model, compile=True)  # patch first, then wrap or shard
+    if checkpointing:
+        # transformers' default (non-reentrant torch.utils.checkpoint), as the Trainer's
+        # gradient_checkpointing=True turns it on; 5.24 names it activation_checkpointing_enable,
+        # 5.17 has only the old name
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         )
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
+        enable()
+        assert model.is_gradient_checkpointing
+    packed = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: packed.append(a[0].shape[0] == 1))
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-            wrapped = model
-        opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
-        plan = _plan()
-        # A sampler built inside the process group takes its rank and world size from it.
-        examples = _examples()
-        default = TokenBudgetBatchSampler([len(x) for x in examples], max_tokens=MAX_TOKENS, seed=0)
-        own = (default.num_replicas, default.rank, list(default)) == (WORLD, rank, [s[rank] for s in plan])
-        losses, counts = [], []
-        for step in range(STEPS):
-            micro = _micro_batches(plan, step, rank)
-            local = torch.tensor(num_items([labels for _, _, labels in micro]))
-            count = local.clone()
-            dist.all_reduce(count)  # every rank's and every accumulation step's target tokens
-            total = torch.zeros(())
-            for a, (ids, mask, labels) in enumerate(micro):
-                last = a == ACCUM - 1
-                sync = contextlib.nullcontext()
-                if mode == "ddp" and not last:
-                    sync = wrapped.no_sync()
-                elif mode == "fsdp2":
-                    wrapped.set_requires_gradient_sync(last)
-                with sync:
-                    loss = wrapped(
-                        input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count
-                    ).loss
-                    (loss * WORLD).backward()  # the wrappers average gradients over the ranks
-                total += loss.detach()
-            dist.all_reduce(total)
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(total))
-            counts.append((int(local), int(count)))
-        compiled = all(
-            getattr(layer, "_compiled_call_impl", None) is not None for layer in model.model.layers
-        )
-        result = {
-            "losses": losses,
-            "counts": counts,
-            "weights": _snapshot(model),
-            "packed": bool(packed) and all(packed),
-            "own_batches": own,
-            "compiled": compiled and counters["stats"]["unique_graphs"] > 0,
-            "sharded": mode != "fsdp2" or all(hasattr(p, "full_tensor") for p in model.parameters()),
-        }
-        torch.save(result, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        wrapped = model
+    opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
+    plan = _plan()
+    # A sampler built inside the process group takes its rank and world size from it.
+    examples = _examples()
+    default = TokenBudgetBatchSampler([len(x) for x in examples], max_tokens=MAX_TOKENS, seed=0)
+    own = (default.num_replicas, default.rank, list(default)) == (WORLD, rank, [s[rank] for s in plan])
+    losses, counts = [], []
+    for step in range(STEPS):
+        micro = _micro_batches(plan, step, rank)
+        local = torch.tensor(num_items([labels for _, _, labels in micro]))
+        count = local.clone()
+        dist.all_reduce(count)  # every rank's and every accumulation step's target tokens
+        total = torch.zeros(())
+        for a, (ids, mask, labels) in enumerate(micro):
+            last = a == ACCUM - 1
+            sync = contextlib.nullcontext()
+            if mode == "ddp" and not last:
+                sync = wrapped.no_sync()
+            elif mode == "fsdp2":
+                wrapped.set_requires_gradient_sync(last)
+            with sync:
+                loss = wrapped(
+                    input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count
+                ).loss
+                (loss * WORLD).backward()  # the wrappers average gradients over the ranks
+            total += loss.detach()
+        dist.all_reduce(total)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(total))
+        counts.append((int(local), int(count)))
+    compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.model.layers)
+    result = {
+        "losses": losses,
+        "counts": counts,
+        "weights": _snapshot(model),
+        "packed": bool(packed) and all(packed),
+        "own_batches": own,
+        "compiled": compiled and counters["stats"]["unique_graphs"] > 0,
+        "sharded": mode != "fsdp2" or all(hasattr(p, "full_tensor") for p in model.parameters()),
+    }
+    return result
 
 
 def _results(tmp) -> list[dict]:
@@ -305,6 +315,11 @@ def _trainer_worker(rank: int, tmp: str, port: int) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
+    torch.save(_train_with_trainer(tmp), f"{tmp}/rank{rank}.pt")
+    _teardown()  # the Trainer, its accelerator and DDP wrapper died with _train_with_trainer's frame
+
+
+def _train_with_trainer(tmp: str) -> dict:
     from datasets import Dataset
     from test_frameworks import _args
     from test_sampler import TokenBudgetTrainer, _rows_to_examples, _tokenizer
@@ -344,7 +359,7 @@ def _trainer_worker(rank: int, tmp: str, port: int) -> None:
         "distributed": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
     }
-    torch.save(result, f"{tmp}/rank{rank}.pt")
+    return result
 
 
 def test_trainer_ddp_with_the_sampler(tmp_path, reference):
