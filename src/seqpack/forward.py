@@ -35,6 +35,7 @@ from .packing import (
     unpack,
 )
 from .support import (
+    MEDIA_INPUTS,
     MaskPattern,
     UnsupportedModelError,
     _base_model,
@@ -59,6 +60,8 @@ class _Record:
     masks_read: bool = False  # the layers' own mask patterns are in the plans (False: read them first)
     mask_key: Any = None  # the configs' values when the masks were read: an edit since reads them again
     mask_inputs: tuple = ()  # inputs that change the model's attention mask (gemma3's token_type_ids)
+    language_model: Any = None  # a multimodal model's language model, packed inside media calls
+    language_mask_inputs: tuple = ()  # its inputs that change its attention mask
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Wrap:
     record: _Record
     previous: Any  # the instance forward that was there before patch(), or None
     head: bool  # the causal-LM wrapper: LM head and loss on the packed tokens
+    inner: bool = False  # a multimodal model's language model: packs only inside a media call
     active: bool = True
 
 
@@ -158,9 +162,9 @@ class _Forward:
         return _packed_forward(self.module, *args, **kwargs)
 
 
-def _wrap(module: nn.Module, record: _Record, *, head: bool) -> None:
+def _wrap(module: nn.Module, record: _Record, *, head: bool, inner: bool = False) -> None:
     previous = module.__dict__.get("forward")
-    module.__dict__[_WRAP] = _Wrap(record, previous, head)
+    module.__dict__[_WRAP] = _Wrap(record, previous, head, inner)
     module.forward = _Forward(
         module, previous if previous is not None else type(module).forward.__get__(module)
     )
@@ -198,6 +202,31 @@ class _Passthrough:
         _passthrough_depth -= 1
 
 
+class _MediaCall:
+    """A call with images, video or audio: the multimodal forward runs on the padded batch, and the
+    language model it calls packs what it is handed (its merged embeddings, its positions).
+
+    Nested media calls (the causal LM's, then its backbone's) share the outermost one's state, where
+    the language model's wrapper leaves the metadata it packed with (for the fused loss).
+    """
+
+    def __enter__(self):
+        global _media_call
+        self.outer = _media_call
+        if _media_call is None:
+            _media_call = self
+            self.meta = None
+        return _media_call
+
+    def __exit__(self, *exc):
+        global _media_call
+        if self.outer is None:
+            _media_call = None
+
+
+_media_call: _MediaCall | None = None
+
+
 class _NamedSeqpack:
     """While packing, the model's configs name seqpack's attention: transformers makes no mask."""
 
@@ -223,23 +252,40 @@ def _packed_forward(self, *args, **kwargs):
     )
     if wrap is None or not wrap.active or _passthrough_depth or attention.packing():
         return original(*args, **kwargs)  # unpatched, or inside a call that is passed through or packed
+    if wrap.inner and _media_call is None:
+        return original(*args, **kwargs)  # a language model called on its own, or by a text-only call
     signature = _signature(type(self))
     inputs = signature.bind_partial(self, *args, **kwargs).arguments
     inputs.pop("self", None)
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             inputs.update(inputs.pop(name, {}))
-    why = _passthrough_reason(self, wrap.record, inputs)
+    media = [n for n, v in inputs.items() if v is not None and n.startswith(MEDIA_INPUTS)]
+    why = _passthrough_reason(self, wrap, inputs, media)
     if why is not None:
         attention._log_once(f"seqpack: running the original forward because {why}")
         with _Passthrough():
             return original(*args, **kwargs)
+    if media and not wrap.inner:
+        return _media_forward(self, original, wrap, inputs, args, kwargs)
     return _packed_call(self, original, wrap, inputs, args, kwargs)
 
 
-def _passthrough_reason(owner: nn.Module, record: _Record, inputs: dict) -> str | None:
+def _passthrough_reason(owner: nn.Module, wrap: _Wrap, inputs: dict, media: list) -> str | None:
     """Why this call must run the original forward to give what the unpatched model gives."""
-    if any(inputs.get(name) is not None for name in _CACHE_NAMES):
+    record = wrap.record
+    caches = [inputs.get(name) for name in _CACHE_NAMES if inputs.get(name) is not None]
+    if wrap.inner:
+        # The media call above was read against the caller's own inputs; a fresh cache is what a
+        # multimodal forward makes by itself when its config says use_cache (idefics3, in training).
+        if any(getattr(c, "get_seq_length", lambda: 1)() for c in caches):
+            return "a KV cache with tokens in it reached the language model"
+        return (
+            _mask_reason(inputs)
+            or _unread_inputs(inputs)
+            or _mask_input_reason(inputs, record.language_mask_inputs)
+        )
+    if caches:
         return "a KV cache was passed (generation)"
     config = _text_config(owner)
 
@@ -253,9 +299,9 @@ def _passthrough_reason(owner: nn.Module, record: _Record, inputs: dict) -> str 
         return "use_cache=True asks for a KV cache (pass use_cache=False to pack)"
     if asked("output_attentions"):
         return "output_attentions=True needs the full attention matrix"
-    mask = inputs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
-        return "a 4-D custom attention mask was passed"
+    why = _mask_reason(inputs)
+    if why is not None:
+        return why
     keep = inputs.get("logits_to_keep")
     if isinstance(keep, torch.Tensor) or (keep and inputs.get("labels") is not None):
         return "logits_to_keep was given as indices, or with labels"
@@ -264,18 +310,51 @@ def _passthrough_reason(owner: nn.Module, record: _Record, inputs: dict) -> str 
         return_dict = getattr(getattr(owner, "config", None), "return_dict", True)
     if return_dict is False:
         return "return_dict=False (the original forward's tuple layout)"
-    media = [n for n, v in inputs.items() if v is not None and n.startswith(_MEDIA_INPUTS)]
+    if media and record.language_model is None:
+        return f"{media[0]} was passed to a model whose language model seqpack cannot tell apart"
     if media:
-        return f"{media[0]} was passed: image, video and audio inputs are not packed yet"
-    for name in record.mask_inputs:
+        return None  # the multimodal forward runs padded; its language model decides (_media_forward)
+    return _mask_input_reason(inputs, record.mask_inputs)
+
+
+def _mask_input_reason(inputs: dict, names: tuple) -> str | None:
+    for name in names:
         value = inputs.get(name)
         if isinstance(value, torch.Tensor) and bool(value.any()):  # a host sync, for these models only
             return f"{name} changes this model's attention mask (image tokens see each other)"
     return None
 
 
-# Inputs of vision, video and audio towers: a call with them runs unpacked (issue: VLMs).
-_MEDIA_INPUTS = ("pixel_values", "input_features", "audio_values", "video_values", "images", "videos")
+def _unread_inputs(inputs: dict) -> str | None:
+    """What a multimodal forward handed its language model in a layout seqpack does not read."""
+    x = inputs.get("inputs_embeds")
+    x = x if x is not None else inputs.get("input_ids")
+    if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or 0 in x.shape[:2]:
+        return "the language model was handed no (B, L) inputs seqpack reads"
+    batch, length = x.shape[:2]
+    mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length)):
+        return "the language model was handed an attention mask that is no (B, L) padding mask"
+    if isinstance(position_ids, torch.Tensor) and (
+        position_ids.ndim not in (2, 3)
+        or position_ids.shape[-1] != length
+        or position_ids.shape[-2] not in (1, batch)
+    ):
+        return f"the language model was handed position_ids of shape {tuple(position_ids.shape)}"
+    for name, value in inputs.items():
+        is_row_data = isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch
+        if is_row_data and value.shape[1] != length and name != "position_ids":
+            return f"the language model was handed {name}, per row but not per token (cross-attention)"
+    return None
+
+
+def _mask_reason(inputs: dict) -> str | None:
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+        return "a 4-D custom attention mask was passed"
+    if isinstance(mask, dict):
+        return "the attention masks were passed ready-made (a mapping per layer type)"
+    return None
 
 
 def _text_config(module: nn.Module):
@@ -353,6 +432,15 @@ def _metadata(inputs: dict, batch: int, length: int, device: torch.device) -> Va
         )
     if mask is None and isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
         return metadata_from_packed(batch, length, device, position_ids=position_ids)
+    if (
+        mask is None
+        and isinstance(position_ids, torch.Tensor)
+        and position_ids.ndim == 3
+        and len(position_ids) == 4
+    ):
+        # Multi-axis positions with the text positions first: transformers reads documents from those
+        docs = metadata_from_packed(batch, length, device, position_ids=position_ids[0])
+        return docs._replace(position_ids=position_ids.expand(4, batch, length).reshape(4, 1, -1))
     return metadata_from_mask(mask, batch, length, device, position_ids)
 
 
@@ -360,6 +448,8 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     record = wrap.record
     batch, length, device = _check_inputs(inputs, wrap.head)
     meta = _metadata(inputs, batch, length, device)
+    if wrap.inner and _media_call is not None:
+        _media_call.meta = meta  # for the fused loss of the causal LM above (_media_forward)
     if meta.total == 0:
         # All padding: nothing to pack. The unpatched model's own answer (its loss), zero outputs.
         with _Passthrough():
@@ -374,7 +464,7 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
         labels = labels.masked_fill(labels == ignore, IGNORE_INDEX)  # one spelling of "no target"
     call = {}
     for name, value in inputs.items():
-        if name == "position_ids" or name in _FLASH_KWARGS:
+        if name == "position_ids" or name in _FLASH_KWARGS or name in _CACHE_NAMES:
             continue
         if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (batch, length):
             value = pack(value, meta)  # input_ids, inputs_embeds, token_type_ids, ...
@@ -415,6 +505,51 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     if keep:  # a head of its own: all logits were computed, keep the last ``keep`` of each row
         output["logits"] = output["logits"][:, -keep:]
     return output
+
+
+def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, kwargs):
+    """A call with images, video or audio, to a multimodal model or its causal LM.
+
+    The multimodal forward runs on the padded batch as the unpatched model does: each tower with
+    its own attention and batching, the image features merged at their placeholder tokens, the
+    multi-axis positions (mRoPE) computed from the padded rows and their mask. The language model
+    it calls packs what it is handed (the inner wrapper): merged embeddings, positions and every
+    (B, L) input are gathered to the real tokens, and its outputs come back padded. A causal LM in
+    training with labels then runs its LM head and loss fused, on the real tokens only.
+    """
+    record = wrap.record
+    labels = inputs.get("labels")
+    head = None
+    if wrap.head and module.training and not record.keep_logits and isinstance(labels, torch.Tensor):
+        head = _fusable_head(module)
+    unfused = {"shift_labels", "logits_to_keep", "return_dict"} & {
+        k for k, v in inputs.items() if v is not None
+    }
+    with _MediaCall() as media:
+        if head is None or unfused - {"return_dict"}:
+            return original(*args, **kwargs)
+        batch, length, device = _check_inputs(inputs, head=True)
+        call = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "ignore_index")}
+        call.update(use_cache=False, return_dict=True)
+        out = _base_model(module)(**call)
+    hidden = out.last_hidden_state  # (B, L, H): the language model packed, and unpacked for its caller
+    if tuple(hidden.shape[:2]) != (batch, length):  # a multimodal forward that changed the length
+        with _MediaCall():
+            return original(*args, **kwargs)
+    mask = inputs.get("attention_mask")
+    meta = media.meta
+    if meta is None or (meta.batch_size, meta.seq_len) != (batch, length):
+        meta = metadata_from_mask(mask, batch, length, device)  # the language model ran unpacked
+    ignore = inputs.get("ignore_index")
+    if ignore is not None and ignore != IGNORE_INDEX:
+        labels = labels.masked_fill(labels == ignore, IGNORE_INDEX)
+    targets = _shift_labels(labels, mask, meta)  # (1, T)
+    loss = linear_cross_entropy(
+        pack(hidden, meta)[0], head.weight, targets[0], head.bias, inputs.get("num_items_in_batch")
+    )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:

@@ -140,6 +140,7 @@ def metadata_from_packed(
         batch_size, seq_len: B and L of the inputs (T = B * L).
         position_ids: (B, L) or (1, L) int; a document starts at each row start and wherever
             positions do not step by one (transformers' own rule, so both read the same documents).
+            With ``cu_seqlens``, also (R, B, L) multi-axis positions (mRoPE), gathered as given.
         cu_seqlens: (N + 1,) int, for B = 1.
         max_seqlen: int.
 
@@ -180,10 +181,11 @@ def metadata_from_packed(
     # layout of the reference attention and the sequence mixers is that wide.
     max_seqlen = longest
     if position_ids is None:
-        position_ids = _restarting_positions(cu_seqlens, total)
+        position_ids = _restarting_positions(cu_seqlens, total).unsqueeze(0)  # (1, T)
     else:
-        position_ids = position_ids.expand(batch_size, seq_len)
-    return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids.reshape(1, -1), batch_size, seq_len)
+        lead = position_ids.shape[:-2]  # multi-axis positions: (R, B, L) -> (R, 1, T)
+        position_ids = position_ids.expand(*lead, batch_size, seq_len).reshape(*lead, 1, total)
+    return VarlenMetadata(None, cu_seqlens, int(max_seqlen), position_ids, batch_size, seq_len)
 
 
 def pack(x: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:

@@ -39,8 +39,10 @@ from .support import (
     _is_config,
     _text_config,
     _uses_attention_interface,
+    language_model,
     mask_patterns,
     sequence_mixers,
+    takes_media,
     unsupported_reason,
 )
 
@@ -218,6 +220,13 @@ def patch(
         _wrap(base, record, head=False)
         if causal_lm and "forward" not in target.__dict__:
             _wrap(target, record, head=True)
+    # A multimodal backbone takes images on the padded batch; its language model packs them.
+    lm = language_model(base) if takes_media(base) else None
+    if lm is not None and "forward" not in lm.__dict__:
+        _wrap(lm, record, head=False, inner=True)
+        record.language_model = lm
+        if patterns is not None:
+            record.language_mask_inputs = _mask_inputs(lm, layers, mask_patterns(lm, layers))
     setattr(target, _RECORD, record)
     return model
 

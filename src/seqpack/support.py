@@ -62,13 +62,30 @@ def _text_config(model: nn.Module):
     return get(decoder=True) if get is not None else config
 
 
-def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | None:
+def language_model(base: nn.Module) -> nn.Module | None:
+    """The language model inside a multimodal backbone (``get_decoder()``), or None for a text model."""
     get_decoder = getattr(base, "get_decoder", None)
     try:
         decoder = get_decoder() if get_decoder is not None else None
     except (AttributeError, NotImplementedError, ValueError):
         decoder = None
-    if isinstance(decoder, nn.Module):
+    if not isinstance(decoder, nn.Module) or decoder is base:
+        return None
+    return decoder if any(m is decoder for m in base.modules()) else None
+
+
+# Inputs of vision, video and audio towers (by prefix).
+MEDIA_INPUTS = ("pixel_values", "input_features", "audio_values", "video_values", "images", "videos")
+
+
+def takes_media(module: nn.Module) -> bool:
+    """Whether the module's forward takes image, video or audio inputs."""
+    return any(name.startswith(MEDIA_INPUTS) for name in inspect.signature(type(module).forward).parameters)
+
+
+def _decoder_layers(base: nn.Module, n_layers: int | None) -> nn.ModuleList | None:
+    decoder = language_model(base)
+    if decoder is not None:
         base = decoder  # a multimodal model: its language model, not its vision tower
     for module in base.modules():
         if (
@@ -155,13 +172,15 @@ def _takes_var_kwargs(fn) -> bool:
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """A causal LM, text-only or one that reads images too (image-text-to-text)."""
+    from transformers.models.auto import modeling_auto
 
+    names = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names |= set(getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}).values())
     name = type(model).__name__
-    return (
-        name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        or name.endswith(("ForCausalLM", "LMHeadModel"))
-    ) and model.get_output_embeddings() is not None
+    return (name in names or name.endswith(("ForCausalLM", "LMHeadModel"))) and (
+        model.get_output_embeddings() is not None
+    )
 
 
 def _base_model(model: nn.Module) -> nn.Module:
