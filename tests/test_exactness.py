@@ -543,3 +543,84 @@ def test_a_vlm_batch_with_images_is_exact(inputs):
     real = batch["attention_mask"].bool()
     assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
     assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- a second adversarial review
+
+
+def test_shift_labels_given_by_the_caller_are_the_targets():
+    """Trainer passes its own shift_labels under context parallelism: they, not labels, are the targets."""
+    reference = tiny_llama()
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    shift[:, ::3] = -100  # the caller's own targets differ from labels shifted
+    for options in (EAGER, dict(EAGER, keep_logits=True)):
+        model = patch(copy.deepcopy(reference), **options)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shift).loss
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shift).loss
+        assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_function_of_its_own_sees_the_padded_batch():
+    """A loss set on the model may average per row: it gets the (B, L) logits and labels it expects."""
+
+    def per_row_mean(logits, labels, vocab_size, **kwargs):
+        logits, labels = logits.float()[:, :-1], labels[:, 1:]
+        tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return (tokens.sum(-1) / (labels != -100).sum(-1).clamp(min=1)).mean()
+
+    reference = tiny_llama()
+    reference.loss_function = per_row_mean
+    model = patch(copy.deepcopy(reference), **EAGER)
+    ids, mask, labels = padded_batch([7, 2, 13, 10], L)
+    out, out_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = _loss_and_grads(reference, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(out_grads, ref_grads)
+
+
+def test_copies_of_a_layer_config_leave_the_model_config_alone():
+    model = patch(tiny_llama(), **EAGER)
+    view = model.model.layers[0].self_attn.config
+    private = copy.copy(view)
+    private.rms_norm_eps = 0.5
+    assert model.config.rms_norm_eps != 0.5 and private._attn_implementation == "sdpa"
+    AutoModelForCausalLM.from_config(view)  # transformers writes back the implementation it read
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    unpatch(model)
+    model(input_ids=ids, attention_mask=mask)  # still runs as the unpatched model
+
+
+def test_a_question_answering_head_is_refused():
+    from transformers import AutoModelForQuestionAnswering
+
+    model = AutoModelForQuestionAnswering.from_config(tiny_llama().config)
+    with pytest.raises(ValueError, match="question-answering head's span loss reads the padding"):
+        patch(model)
+
+
+def test_patching_again_with_other_options_is_refused():
+    model = patch(tiny_llama(), compile=False)
+    assert patch(model) is model  # defaults: nothing asked, nothing changes
+    with pytest.raises(ValueError, match="already patched .*keep_logits=False"):
+        patch(model, keep_logits=True)
+    with pytest.raises(ValueError, match="already patched .*memory_budget=None"):
+        patch(model, memory_budget=0.5)
+
+
+def test_a_patched_model_loaded_by_torch_load_registers_its_attention(monkeypatch):
+    """torch.save(model) then torch.load in a fresh process: nothing has registered "seqpack" there."""
+    import io
+
+    from transformers import AttentionInterface
+
+    model = patch(tiny_llama(), **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.delitem(AttentionInterface._global_mapping, attention.ATTN_NAME)  # as in a fresh process
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert_close(loaded(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)

@@ -138,3 +138,39 @@ def test_fused_loss_bf16_over_several_chunks():
         err_plain, err_fused = _err(p.double(), r.double()), _err(f.double(), r.double())
         print(f"\nfused loss {name}: {err_fused:.2e} (plain bf16 {err_plain:.2e})")
         assert err_fused <= 2 * err_plain + 1e-5, (name, err_fused, err_plain)
+
+
+def _vlm_types():
+    from tiny_vlms import VLM_TYPES
+
+    return VLM_TYPES
+
+
+@pytest.mark.parametrize("model_type", _vlm_types())
+def test_vlm_with_images_bf16(model_type):
+    """A tiny VLM, images in the padded batch, the default training path (fused loss) on the GPU
+    kernels: loss and gradients by the 2x rule against the fp32 unpatched model."""
+    from tiny_vlms import vlm_case
+
+    fp32, batch, _ = vlm_case(model_type)
+    fp32 = fp32.cuda()
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def run(model, dtype):
+        model.zero_grad(set_to_none=True)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        loss = model(**inputs).loss
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        return loss.float().detach(), grad
+
+    ref_loss, ref_grad = run(fp32, torch.float32)
+    base_loss, base_grad = run(copy.deepcopy(fp32).bfloat16(), torch.bfloat16)
+    loss, grad = run(patch(copy.deepcopy(fp32).bfloat16(), compile=False), torch.bfloat16)
+    loss_err, base_loss_err = (abs(x - ref_loss).item() / ref_loss.item() for x in (loss, base_loss))
+    grad_err, base_grad_err = _err(grad, ref_grad), _err(base_grad, ref_grad)
+    print(
+        f"\n{model_type}: loss {loss_err:.2e} ({base_loss_err:.2e}) grads {grad_err:.2e} ({base_grad_err:.2e})"
+    )
+    assert loss_err <= 2 * base_loss_err + 1e-4
+    assert grad_err <= 2 * base_grad_err + 1e-6

@@ -195,3 +195,45 @@ def test_cross_attention_states_run_unpacked():
     assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
     assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert seen == [(2, 9, seen[0][-1])]
+
+
+def _image_text_types() -> list[str]:
+    from transformers.models.auto import modeling_auto
+
+    names = getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {})
+    return sorted(set(names) - set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))  # those: test_sweep
+
+
+@pytest.mark.parametrize("model_type", _image_text_types())
+def test_every_image_text_type_on_a_text_batch(model_type):
+    """Every image-text-to-text type test_sweep does not cover, on a padded text-only batch: exact
+    (the default training path's loss and gradients, and the logits) or refused, naming its type.
+    A type whose tiny model cannot be built, or whose unpatched forward needs images, is skipped."""
+    from helpers import padded_batch
+    from tiny_vlms import tiny_image_text_model
+
+    from seqpack import UnsupportedModelError
+
+    ids, mask, labels = padded_batch([9, 4, 13], 13, vocab=100)
+    try:
+        reference, ref = tiny_image_text_model(
+            model_type, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels)
+        )
+    except Exception as err:  # noqa: BLE001 -- the unpatched model itself cannot run this here
+        pytest.skip(f"unpatched tiny model does not run a text batch: {type(err).__name__}: {str(err)[:100]}")
+    try:
+        model = patch(copy.deepcopy(reference), compile=False)
+    except UnsupportedModelError as err:
+        assert repr(model_type) in str(err), str(err)
+        return
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(model, reference)
+    unpatch(model)
+    patch(model, compile=False, keep_logits=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(logits[real], ref.logits.detach()[real], rtol=1e-4, atol=1e-5)

@@ -193,6 +193,11 @@ def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_wi
             module, query, key, value, allowed, dropout=dropout, scaling=scaling, is_causal=False
         )
         return out
+    if key.shape[1] != query.shape[1] and not _REPEATS_KV.get(eager, True):
+        # An eager function written for a tower without GQA, which the model's text layers share
+        # (unlimited_ocr's): repeat the KV heads as repeat_kv would, so it sees one per query head.
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=device)
     mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)  # (1, 1, n, n)
     out, _ = eager(
@@ -207,6 +212,23 @@ def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_wi
         **kwargs,
     )
     return out
+
+
+# eager attention function -> whether it expands grouped KV heads itself (repeat_kv); read from
+# its source when a layer is planned (plan_eager), so traced code only looks it up.
+_REPEATS_KV: dict = {}
+
+
+def plan_eager(module) -> None:
+    """Read, once per function, whether the module's eager attention repeats KV heads itself."""
+    eager = _eager_function(module)
+    if eager is None or eager in _REPEATS_KV:
+        return
+    try:
+        source = inspect.getsource(eager)
+    except (OSError, TypeError):
+        source = "repeat_kv"  # cannot tell: leave the heads as the model gives them
+    _REPEATS_KV[eager] = any(word in source for word in ("repeat_kv", "num_key_value_groups", "enable_gqa"))
 
 
 def _eager_function(module) -> Callable | None:

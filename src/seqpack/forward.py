@@ -63,6 +63,10 @@ class _Record:
     language_model: Any = None  # a multimodal model's language model, packed inside media calls
     language_mask_inputs: tuple = ()  # its inputs that change its attention mask
 
+    def __setstate__(self, state):  # torch.load of a patched model, maybe in a fresh process
+        self.__dict__.update(state)
+        attention.register()
+
 
 @dataclass
 class _Wrap:
@@ -111,6 +115,7 @@ def plan_attention(record: _Record, patterns) -> None:
         seen = isinstance(pattern, MaskPattern)
         layer_plan = attention.plan(record.backend, pattern.window if seen else None, seen)
         setattr(module, attention.PLAN_ATTR, layer_plan)
+        attention.plan_eager(module)
     record.masks_read = patterns is not None
 
 
@@ -287,6 +292,12 @@ def _passthrough_reason(owner: nn.Module, wrap: _Wrap, inputs: dict, media: list
         )
     if caches:
         return "a KV cache was passed (generation)"
+    if wrap.head and inputs.get("labels") is not None and not _computes_causal_lm_loss(owner):
+        return "a loss function of its own is set on the model (it gets the padded batch it expects)"
+    if not wrap.head and inputs.get("labels") is not None:
+        # A model that takes labels but is no causal LM seqpack knows: where its loss reads them
+        # from the logits is its own business, so it gets the padded batch it expects.
+        return f"labels were passed to {type(owner).__name__}, whose loss seqpack does not compute"
     config = _text_config(owner)
 
     def asked(name: str, at_inference_only: bool = False):  # the call's value, or the config's
@@ -483,7 +494,12 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
         if not wrap.head:
             call["labels"] = labels
         else:
-            targets = _shift_labels(labels, mask, meta)  # (1, T)
+            given = call.get("shift_labels")  # the caller's own targets, packed like every (B, L) input
+            if isinstance(given, torch.Tensor) and ignore is not None and ignore != IGNORE_INDEX:
+                given = given.masked_fill(given == ignore, IGNORE_INDEX)
+            targets = (
+                given if isinstance(given, torch.Tensor) else _shift_labels(labels, mask, meta)
+            )  # (1, T)
             # Labels whose plain one-step shift gives the same targets, for models that ignore
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
@@ -569,9 +585,19 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
         or "forward" in head.__dict__
     ):
         return None
-    if getattr(model, "_loss_function", None) is not None or not _is_causal_lm_loss(model.loss_function):
+    if not _computes_causal_lm_loss(model):
         return None  # a loss function set on the model (label smoothing, say), or another loss_type
     return head if fused_loss_blocker(type(model), name) is None else None
+
+
+def _computes_causal_lm_loss(model: nn.Module) -> bool:
+    """Whether the model's loss is transformers' own causal-LM loss (which packing computes exactly)."""
+    if getattr(model, "_loss_function", None) is not None:
+        return False
+    try:
+        return _is_causal_lm_loss(model.loss_function)
+    except (AttributeError, KeyError):
+        return False
 
 
 def _is_causal_lm_loss(fn) -> bool:

@@ -22,6 +22,7 @@ Which models can be packed at all is support.py's question.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import warnings
@@ -62,15 +63,30 @@ def _view_class(cls: type) -> type:
         return attention.ATTN_NAME
 
     def write(self, value):  # goes to the shared attributes, i.e. to the real config
+        if value == attention.ATTN_NAME:
+            return  # what the view reads already (transformers writing back what it read): the
+            # real config keeps naming the original implementation
         cls._attn_implementation.fset(self, value)
+
+    def read_internal(self):
+        return self.__dict__.get("_attn_implementation_internal")
+
+    def write_internal(self, value):  # transformers storing what it read through the view
+        if value != attention.ATTN_NAME:
+            self.__dict__["_attn_implementation_internal"] = value
 
     def reduce(self, protocol):  # deepcopy / pickle: a view of the copied real config
         return _config_view, (self._seqpack_real,)
 
+    def shallow_copy(self):  # copy.copy: a config of its own, as a copy of the real one would be
+        return copy.copy(self._seqpack_real)
+
     namespace = {
         "__slots__": ("_seqpack_real",),  # not in __dict__, which is the real config's
         "_attn_implementation": property(read, write),
+        "_attn_implementation_internal": property(read_internal, write_internal),
         "__reduce_ex__": reduce,
+        "__copy__": shallow_copy,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
     }
@@ -168,10 +184,21 @@ def patch(
     target = _unwrap(model)
     if hasattr(target, _RECORD):
         record = getattr(target, _RECORD)
+        # Options asked for explicitly (not left at their default) that the first patch did not use.
+        asked = {"keep_logits": keep_logits, "memory_budget": memory_budget, "compile": compile}
+        default = {"keep_logits": False, "memory_budget": None, "compile": True}
+        had = {
+            "keep_logits": record.keep_logits,
+            "memory_budget": record.memory_budget,
+            "compile": bool(record.compiled),
+        }
+        changed = [k for k in asked if asked[k] != default[k] and asked[k] != had[k]]
         if backend not in ("auto", record.backend):
+            changed.insert(0, "backend")
+        if changed:
             raise ValueError(
-                f"model is already patched with backend {record.backend!r}; "
-                f"call seqpack.unpatch(model) before patching with {backend!r}"
+                f"model is already patched (with {', '.join(f'{k}={had.get(k, record.backend)!r}' for k in changed)}); "
+                "call seqpack.unpatch(model) before patching it with other options"
             )
         return model
     if not hasattr(target, "config"):

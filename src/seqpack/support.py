@@ -266,6 +266,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return _EXCEPTIONS[model_type]
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model; seqpack packs decoder-only (causal) models"
+    if type(model).__name__.endswith("ForQuestionAnswering"):
+        # Its span loss is a softmax over every column, padding included: the padding positions'
+        # own logits take part, and a packed backbone has no hidden states there.
+        return "a question-answering head's span loss reads the padding positions too"
     text_config = _text_config(model)
     if getattr(text_config, "is_causal", True) is False:
         return "its config sets is_causal=False (bidirectional attention)"
