@@ -624,3 +624,24 @@ def test_a_patched_model_loaded_by_torch_load_registers_its_attention(monkeypatc
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert_close(loaded(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)
+
+
+def test_data_parallel_is_refused_clearly(monkeypatch):
+    """The HF Trainer wraps a model in nn.DataParallel on several GPUs without torchrun. Its replicas
+    would run the original module's weights: refused at the first replication (emulated on the CPU
+    with torch's own replicate, the CUDA broadcast replaced by copies)."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(
+        replicate,
+        "_broadcast_coalesced_reshape",
+        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices],
+    )
+    monkeypatch.setattr(replicate, "_get_device_index", lambda device, optional=False: 0)
+    replicate.replicate(tiny_llama(), ["cpu", "cpu"])  # the unpatched model replicates
+    model = patch(tiny_llama(), **EAGER)
+    with pytest.raises(RuntimeError, match="cannot run under torch.nn.DataParallel"):
+        replicate.replicate(model, ["cpu", "cpu"])
+    unpatch(model)
+    replicate.replicate(model, ["cpu", "cpu"])

@@ -173,11 +173,27 @@ def _wrap(module: nn.Module, record: _Record, *, head: bool, inner: bool = False
     module.forward = _Forward(
         module, previous if previous is not None else type(module).forward.__get__(module)
     )
+    module.__dict__[_REPLICATE] = _refuse_data_parallel
     record.wrapped.append(module)
+
+
+_REPLICATE = "_replicate_for_data_parallel"
+
+
+def _refuse_data_parallel():
+    """nn.DataParallel's replicas share their module's instance attributes (a shallow ``__dict__``
+    copy): the packed forward, and each layer compiled in place, would run the original module's
+    weights on every replica. Refused when DataParallel first replicates the model."""
+    raise RuntimeError(
+        "seqpack: a patched model cannot run under torch.nn.DataParallel (its replicas would run the "
+        "original module's weights). Use DistributedDataParallel: launch with torchrun (the HF Trainer "
+        "then uses DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+    )
 
 
 def _unwrap_forward(module: nn.Module) -> None:
     wrap = module.__dict__.pop(_WRAP)
+    module.__dict__.pop(_REPLICATE, None)
     wrap.active = False  # a forward installed over ours keeps calling it: it now passes through
     current = module.__dict__.get("forward")
     if isinstance(current, _Forward):
