@@ -174,7 +174,17 @@ def _train_worker(rank: int, tmp: str, mode: str, checkpointing: bool) -> None:
     _teardown()  # _train's models and wrappers died with its frame
 
 
-def _train(rank: int, mode: str, checkpointing: bool) -> dict:
+def _mixed_precision_worker(rank: int, tmp: str) -> None:
+    _setup_worker(rank, f"{tmp}/rendezvous")
+    runs = {
+        name: _train(rank, "fsdp2", False, patched=name == "patched", mixed=True)
+        for name in ("unpatched", "patched")
+    }
+    torch.save(runs, f"{tmp}/rank{rank}.pt")
+    _teardown()
+
+
+def _train(rank: int, mode: str, checkpointing: bool, patched: bool = True, mixed: bool = False) -> dict:
     from torch._dynamo.utils import counters
 
     import seqpack.compile
@@ -192,7 +202,8 @@ def _train(rank: int, mode: str, checkpointing: bool) -> dict:
         # about checkpointing under FSDP2: it specializes them to stay quick.
         torch._dynamo.config.specialize_float = True
     model = tiny_llama()
-    patch(model, compile=True)  # patch first, then wrap or shard
+    if patched:
+        patch(model, compile=True)  # patch first, then wrap or shard
     if checkpointing:
         # transformers' default (non-reentrant torch.utils.checkpoint), as the Trainer's
         # gradient_checkpointing=True turns it on; 5.24 names it activation_checkpointing_enable,
@@ -207,11 +218,13 @@ def _train(rank: int, mode: str, checkpointing: bool) -> dict:
     if mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16 compute, fp32 master weights and gradient reduction: the usual FSDP2 recipe
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **({"mp_policy": policy} if mixed else {}))
+        fully_shard(model, **({"mp_policy": policy} if mixed else {}))
         wrapped = model
     opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
     plan = _plan()
@@ -380,3 +393,26 @@ def test_trainer_ddp_with_the_sampler(tmp_path, reference):
         assert result["counts"] == [c for c in reference["counts"] for _ in range(ACCUM)]
         for name, ref in reference["weights"].items():
             assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+@needs_fsdp2
+def test_fsdp2_mixed_precision_is_no_worse_than_unpatched(tmp_path, reference):
+    """FSDP2 with a mixed-precision policy (bf16 parameters in compute, fp32 reduction), patched and
+    unpatched on the same two processes: against the fp32 one-process run, the patched run's loss
+    and weight-update errors are at most twice the unpatched run's (the flash-attention rule)."""
+    _spawn(_mixed_precision_worker, str(tmp_path))
+    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
+    ref_update = torch.cat([(reference["weights"][n] - initial[n]).flatten() for n in initial])
+    for rank, runs in enumerate(_results(tmp_path)):
+        assert runs["patched"]["packed"] and not runs["unpatched"]["packed"]
+        errors = {}
+        for name, run in runs.items():
+            losses = torch.tensor(run["losses"]) / torch.tensor(reference["losses"]) - 1
+            update = torch.cat([(run["weights"][n].float() - initial[n]).flatten() for n in initial])
+            errors[name] = (
+                float(losses.abs().max()),
+                float((update - ref_update).norm() / ref_update.norm()),
+            )
+        (loss, weights), (base_loss, base_weights) = errors["patched"], errors["unpatched"]
+        assert loss <= 2 * base_loss + 1e-3, (rank, errors)
+        assert weights <= 2 * base_weights + 1e-3, (rank, errors)
