@@ -237,3 +237,26 @@ def test_every_image_text_type_on_a_text_batch(model_type):
         logits = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     assert_close(logits[real], ref.logits.detach()[real], rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_image_features_take_the_media_path():
+    """``mm_encoder_outputs`` (vision features computed beforehand) instead of ``pixel_values``: the
+    multimodal positions are still computed from the padded rows. Packing the text from the top
+    would drop them (mRoPE)."""
+    import inspect
+
+    reference, batch, _ = vlm_case("qwen2_vl")
+    if "mm_encoder_outputs" not in inspect.signature(type(reference.model).forward).parameters:
+        pytest.skip("this transformers takes no mm_encoder_outputs")
+    with torch.no_grad():
+        media = {k: v for k, v in batch.items() if k.startswith(("pixel", "image_"))}
+        features = reference.model.get_image_features(**media, return_dict=True)
+    call = {k: v for k, v in batch.items() if not k.startswith("pixel")}
+    call["mm_encoder_outputs"] = {"image": features}
+    model = patch(copy.deepcopy(reference), compile=False)
+    out, ref = model(**call), reference(**call)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(model, reference)
+    assert out.image_outputs is not None  # the model's own output fields, beside logits=None

@@ -579,9 +579,19 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
     loss = linear_cross_entropy(
         pack(hidden, meta)[0], head.weight, targets[0], head.bias, inputs.get("num_items_in_batch")
     )
+    return _fused_output(loss, out)
+
+
+def _fused_output(loss: torch.Tensor, out):
+    """The causal-LM output of a fused loss: logits=None, and the backbone's own further fields
+    (a VLM's ``image_outputs``, ``rope_deltas`` ...) as the model's output would carry them."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
+    result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
+    for key, value in out.items():
+        if key not in ("last_hidden_state", "hidden_states", *_CACHE_NAMES) and value is not None:
+            result[key] = value
+    return result
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
@@ -645,7 +655,6 @@ class _NeftuneScale:
 
 def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: torch.Tensor):
     """The causal-LM forward with the loss fused into the LM head: no (T, V) logits, logits=None."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = call.pop("num_items_in_batch", None)
     for name in ("labels", "shift_labels", "logits_to_keep"):
@@ -653,7 +662,7 @@ def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: tor
     out = _base_model(model)(**call)
     hidden = out.last_hidden_state[0]  # (T, H)
     loss = linear_cross_entropy(hidden, head.weight, targets[0], head.bias, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
+    return _fused_output(loss, out)
 
 
 def _kept_logits_call(model: nn.Module, head: nn.Linear, call: dict, meta: VarlenMetadata, keep: int):

@@ -74,8 +74,13 @@ def language_model(base: nn.Module) -> nn.Module | None:
     return decoder if any(m is decoder for m in base.modules()) else None
 
 
-# Inputs of vision, video and audio towers (by prefix).
-MEDIA_INPUTS = ("pixel_values", "input_features", "audio_values", "video_values", "images", "videos")
+# Inputs of vision, video and audio towers, or their precomputed features and grids (by prefix): a
+# call with any of them computes its multimodal positions and merge from the padded rows.
+MEDIA_INPUTS = (
+    "pixel_values", "input_features", "audio_values", "video_values", "images", "videos",
+    "mm_encoder_outputs", "image_embeds", "image_features", "video_embeds", "audio_embeds",
+    "image_grid_thw", "video_grid_thw",
+)  # fmt: skip
 
 
 def takes_media(module: nn.Module) -> bool:
