@@ -645,3 +645,18 @@ def test_data_parallel_is_refused_clearly(monkeypatch):
         replicate.replicate(model, ["cpu", "cpu"])
     unpatch(model)
     replicate.replicate(model, ["cpu", "cpu"])
+
+
+def test_fewer_layers_run_after_a_config_edit():
+    """Layer-dropping experiments lower config.num_hidden_layers (transformers runs that many):
+    the layers left out need no mask, and bringing them back reads their windows again."""
+    reference = _tiny("mistral")
+    model = patch(copy.deepcopy(reference), compile=False, keep_logits=True)
+    ids, mask, _ = padded_batch([11, 5, 16, 1], 16, vocab=reference.config.vocab_size)
+    real = mask.bool()
+    for depth in (1, reference.config.num_hidden_layers):
+        reference.config.num_hidden_layers = model.config.num_hidden_layers = depth
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+            ref = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert_close(out[real], ref[real], rtol=1e-4, atol=1e-5, msg=f"{depth} layers")

@@ -441,7 +441,8 @@ def mask_patterns(
     configs = {id(c): c for m in base.modules() if _is_config(c := m.__dict__.get("config"))}
     saved_impl = {key: c._attn_implementation_internal for key, c in configs.items()}
     saved_modes = [(m, m.training) for m in base.modules()]
-    found: list = [None] * len(layers)
+    unset = object()
+    found: list = [unset] * len(layers)
 
     def stub(index):
         def forward(*args, **kwargs):
@@ -478,7 +479,15 @@ def mask_patterns(
         for module, mode in saved_modes:
             module.training = mode
         _probe_markers.clear()
-    return found
+    # A layer past config.num_hidden_layers (lowered below the stack: transformers runs
+    # layers[:num_hidden_layers]) computes nothing; any plan serves it, and a config edit that
+    # brings it back reads the masks again. Any other layer the probe did not reach stays unknown.
+    depth = getattr(_config_of(base), "num_hidden_layers", None)
+    depth = depth if isinstance(depth, int) else len(layers)
+    return [
+        (MaskPattern(None) if index >= depth else None) if pattern is unset else pattern
+        for index, pattern in enumerate(found)
+    ]
 
 
 def _config_of(base: nn.Module):
