@@ -260,3 +260,55 @@ def test_precomputed_image_features_take_the_media_path():
     assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     _assert_same_grads(model, reference)
     assert out.image_outputs is not None  # the model's own output fields, beside logits=None
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_a_video_beside_an_image(left):
+    """Qwen2-VL with a video (two temporal patches: its mRoPE time axis moves) in one row, an image in
+    the next, a text-only row: the default training path and the logits, against the unpatched model."""
+    from tiny_vlms import END, IMAGE, START, TEXT_VOCAB, VIDEO
+
+    reference, _, _ = vlm_case("qwen2_vl")
+    vision = reference.config.vision_config
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    gen = torch.Generator().manual_seed(0)
+    text = [torch.randint(3, TEXT_VOCAB, (n,), generator=gen).tolist() for n in (5, 4, 13)]
+    rows = [
+        text[0][:2] + [START] + [VIDEO] * (2 * 4 * 4 // 4) + [END] + text[0][2:],  # grid (2, 4, 4)
+        text[1][:2] + [START] + [IMAGE] * (4 * 6 // 4) + [END] + text[1][2:],  # grid (1, 4, 6)
+        text[2],
+    ]
+    length = max(map(len, rows))
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        span = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[r, span], mask[r, span] = torch.tensor(row), 1
+    batch = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        # Left-padded, the unpatched loss also counts the last pad predicting the first real token
+        # (README: "Causal-LM loss on real tokens"); a label of -100 there leaves that out of both.
+        labels=ids.masked_fill((mask == 0) | (ids >= TEXT_VOCAB) | (left & (mask.cumsum(1) == 1)), -100),
+        pixel_values_videos=torch.randn(2 * 4 * 4, width, generator=gen),
+        video_grid_thw=torch.tensor([[2, 4, 4]]),
+        pixel_values=torch.randn(4 * 6, width, generator=gen),
+        image_grid_thw=torch.tensor([[1, 4, 6]]),
+    )
+    import inspect
+
+    if "mm_token_type_ids" in inspect.signature(type(reference).forward).parameters:
+        batch["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    model = patch(copy.deepcopy(reference), compile=False)
+    seen = _layer_inputs(model)
+    out, ref = model(**batch), reference(**batch)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(model, reference)
+    assert seen == [(1, int(mask.sum()), seen[0][-1])]
+    unpatch(model)
+    patch(model, compile=False, keep_logits=True)
+    with torch.no_grad():
+        logits, ref_logits = model(**batch).logits, reference(**batch).logits
+    assert_close(logits[mask.bool()], ref_logits[mask.bool()], rtol=1e-4, atol=1e-5)
