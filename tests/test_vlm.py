@@ -43,17 +43,24 @@ def _assert_same_grads(model, reference):
         assert_close(ours[name], ref[name], rtol=1e-4, atol=atol, msg=name)
 
 
+def _assert_trains_exactly(model, reference, batch: dict):
+    """One training forward and backward of each: the same loss and every gradient. Returns the
+    patched model's output."""
+    out, ref = model(**batch), reference(**batch)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(model, reference)
+    return out
+
+
 @pytest.mark.parametrize("model_type", VLM_TYPES)
 def test_images_in_the_batch_train_exactly(model_type):
     """The default training path (fused loss): loss and every gradient, the vision tower's too."""
     reference, batch, _ = vlm_case(model_type)
     model = patch(copy.deepcopy(reference), compile=False)
     seen = _layer_inputs(model)
-    out, ref = model(**batch), reference(**batch)
-    out.loss.backward()
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(model, reference)
+    _assert_trains_exactly(model, reference, batch)
     real = int(batch["attention_mask"].sum())
     assert (
         seen == [(3, *batch["input_ids"].shape[1:], seen[0][-1])]
@@ -86,11 +93,7 @@ def test_a_text_only_call_of_a_vlm_packs(model_type):
     text["labels"] = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
     model = patch(copy.deepcopy(reference), compile=False)
     seen = _layer_inputs(model)
-    out, ref = model(**text), reference(**text)
-    out.loss.backward()
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(model, reference)
+    _assert_trains_exactly(model, reference, text)
     assert seen and seen[0][:2] == (1, int(text["attention_mask"].sum()))
 
 
@@ -141,11 +144,7 @@ def test_compiled_layers_with_images(monkeypatch, model_type):
         step["labels"] = batch["labels"].masked_fill(step["attention_mask"] == 0, -100)
         model.zero_grad()
         reference.zero_grad()
-        out, ref = model(**step), reference(**step)
-        out.loss.backward()
-        ref.loss.backward()
-        assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-        _assert_same_grads(model, reference)
+        _assert_trains_exactly(model, reference, step)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[2], graphs
 
@@ -254,11 +253,7 @@ def test_precomputed_image_features_take_the_media_path():
     call = {k: v for k, v in batch.items() if not k.startswith("pixel")}
     call["mm_encoder_outputs"] = {"image": features}
     model = patch(copy.deepcopy(reference), compile=False)
-    out, ref = model(**call), reference(**call)
-    out.loss.backward()
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(model, reference)
+    out = _assert_trains_exactly(model, reference, call)
     assert out.image_outputs is not None  # the model's own output fields, beside logits=None
 
 
@@ -301,11 +296,7 @@ def test_a_video_beside_an_image(left):
         batch["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     model = patch(copy.deepcopy(reference), compile=False)
     seen = _layer_inputs(model)
-    out, ref = model(**batch), reference(**batch)
-    out.loss.backward()
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(model, reference)
+    _assert_trains_exactly(model, reference, batch)
     assert seen == [(1, int(mask.sum()), seen[0][-1])]
     unpatch(model)
     patch(model, compile=False, keep_logits=True)

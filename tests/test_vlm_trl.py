@@ -117,25 +117,19 @@ def _model():
 
 
 def _args(tmp_path):
-    """CPU fp32, plain SGD at a constant rate (tight weight comparison), a log every step."""
-    return trl.SFTConfig(
-        output_dir=str(tmp_path),
+    """test_frameworks' arguments (CPU fp32, SGD at a constant rate, a log every step), batches of
+    two taken in order; TRL's own default gradient_checkpointing=True stays on."""
+    from test_frameworks import _args as shared_args
+
+    return shared_args(
+        trl.SFTConfig,
+        tmp_path,
         max_steps=STEPS,
+        learning_rate=LR,
         per_device_train_batch_size=2,
         train_sampling_strategy="sequential",
         max_length=None,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )  # TRL's own default gradient_checkpointing=True stays on
+    )
 
 
 class _Probe:

@@ -353,20 +353,14 @@ def _mask_input_reason(inputs: dict, names: tuple) -> str | None:
 
 
 def _unread_inputs(inputs: dict) -> str | None:
-    """What a multimodal forward handed its language model in a layout seqpack does not read."""
-    x = inputs.get("inputs_embeds")
-    x = x if x is not None else inputs.get("input_ids")
-    if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or 0 in x.shape[:2]:
-        return "the language model was handed no (B, L) inputs seqpack reads"
-    batch, length = x.shape[:2]
-    mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length)):
-        return "the language model was handed an attention mask that is no (B, L) padding mask"
-    if isinstance(position_ids, torch.Tensor) and (
-        position_ids.ndim not in (2, 3)
-        or position_ids.shape[-1] != length
-        or position_ids.shape[-2] not in (1, batch)
-    ):
+    """What a multimodal forward handed its language model in a layout seqpack does not read: what
+    a caller's input would be refused for (``_check_inputs``), or per-row data that is not per token."""
+    try:
+        batch, length, _ = _check_inputs(inputs, head=False)
+    except ValueError as err:
+        return f"the language model was handed inputs seqpack does not read ({err})"
+    position_ids = inputs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.ndim > 3:
         return f"the language model was handed position_ids of shape {tuple(position_ids.shape)}"
     for name, value in inputs.items():
         is_row_data = isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch
@@ -487,8 +481,7 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     inputs.pop("return_dict", None)
     labels = inputs.pop("labels", None)
     ignore = inputs.pop("ignore_index", None) if wrap.head else None
-    if labels is not None and ignore is not None and ignore != IGNORE_INDEX:
-        labels = labels.masked_fill(labels == ignore, IGNORE_INDEX)  # one spelling of "no target"
+    labels = _no_target(labels, ignore)
     call = {}
     for name, value in inputs.items():
         if name == "position_ids" or name in _FLASH_KWARGS or name in _CACHE_NAMES:
@@ -510,12 +503,9 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
         if not wrap.head:
             call["labels"] = labels
         else:
-            given = call.get("shift_labels")  # the caller's own targets, packed like every (B, L) input
-            if isinstance(given, torch.Tensor) and ignore is not None and ignore != IGNORE_INDEX:
-                given = given.masked_fill(given == ignore, IGNORE_INDEX)
-            targets = (
-                given if isinstance(given, torch.Tensor) else _shift_labels(labels, mask, meta)
-            )  # (1, T)
+            # (1, T): the caller's own shift_labels (packed like every (B, L) input), or from labels
+            given = _no_target(call.get("shift_labels"), ignore)
+            targets = given if isinstance(given, torch.Tensor) else _shift_labels(labels, mask, meta)
             # Labels whose plain one-step shift gives the same targets, for models that ignore
             # shift_labels; models that honour it use the targets directly.
             call["labels"] = torch.nn.functional.pad(targets[:, :-1], (1, 0), value=IGNORE_INDEX)
@@ -539,6 +529,13 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     return output
 
 
+def _no_target(labels, ignore: int | None):
+    """Labels (or targets) with a caller's ``ignore_index`` as IGNORE_INDEX: one spelling of "no target"."""
+    if isinstance(labels, torch.Tensor) and ignore is not None and ignore != IGNORE_INDEX:
+        return labels.masked_fill(labels == ignore, IGNORE_INDEX)
+    return labels
+
+
 def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, kwargs):
     """A call with images, video or audio, to a multimodal model or its causal LM.
 
@@ -554,11 +551,9 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
     head = None
     if wrap.head and module.training and not record.keep_logits and isinstance(labels, torch.Tensor):
         head = _fusable_head(module)
-    unfused = {"shift_labels", "logits_to_keep", "return_dict"} & {
-        k for k, v in inputs.items() if v is not None
-    }
+    unfused = any(inputs.get(name) is not None for name in ("shift_labels", "logits_to_keep"))
     with _MediaCall() as media:
-        if head is None or unfused - {"return_dict"}:
+        if head is None or unfused:
             return original(*args, **kwargs)
         batch, length, device = _check_inputs(inputs, head=True)
         call = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "ignore_index")}
@@ -572,10 +567,7 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
     meta = media.meta
     if meta is None or (meta.batch_size, meta.seq_len) != (batch, length):
         meta = metadata_from_mask(mask, batch, length, device)  # the language model ran unpacked
-    ignore = inputs.get("ignore_index")
-    if ignore is not None and ignore != IGNORE_INDEX:
-        labels = labels.masked_fill(labels == ignore, IGNORE_INDEX)
-    targets = _shift_labels(labels, mask, meta)  # (1, T)
+    targets = _shift_labels(_no_target(labels, inputs.get("ignore_index")), mask, meta)  # (1, T)
     loss = linear_cross_entropy(
         pack(hidden, meta)[0], head.weight, targets[0], head.bias, inputs.get("num_items_in_batch")
     )
