@@ -71,7 +71,7 @@ def _err(x, ref):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_parity(model_type, backend, compiled, dtype):
-    if compiled and (backend != "torch" or model_type not in ("llama", "mistral")):
+    if compiled and (backend != "torch" or model_type not in ("llama", "mistral", "gpt_oss")):
         pytest.skip("compiled layers are checked on the default backend and two architectures")
     if dtype == torch.float16 and (compiled or model_type not in ("llama", "mistral")):
         pytest.skip("fp16 is checked eager on two architectures")
@@ -100,6 +100,59 @@ def test_half_precision_parity(model_type, backend, compiled, dtype):
         # A scalar loss can land on the fp32 value by luck; bf16 rounding of it is ~4e-3.
         floor = 1e-4 if name == "loss" else 1e-6
         assert patched_err <= 2 * unpatched_err + floor, (name, patched_err, unpatched_err)
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (127, 0)], ids=["causal", "sliding"])
+def test_sinks_kernel_bf16(window):
+    """gpt-oss's sinks on torch's varlen kernel: output and the q, k, v and sink gradients."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    if "torch" not in attention.available_backends() or not attention._torch_sinks():
+        pytest.skip("torch's varlen kernel is not available here")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths, heads, kv_heads, dim, scale = [300, 1, 517, 129, 64], 8, 2, 64, 64**-0.5
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, h, dim, device="cuda", generator=g) for h in (heads, kv_heads, kv_heads))
+    sinks = torch.randn(heads, device="cuda", generator=g)
+    upstream = torch.randn(total, heads, dim, device="cuda", generator=g)
+
+    def eager(dtype):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, sinks)]
+        module = torch.nn.Module()
+        module.sinks, module.num_key_value_groups = leaves[3], heads // kv_heads
+        outs = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            pos = torch.arange(e - s, device="cuda")
+            allowed = pos[None] <= pos[:, None]
+            if window[0] >= 0:
+                allowed = allowed & (pos[:, None] - pos[None] <= window[0])
+            mask = torch.zeros(e - s, e - s, dtype=dtype, device="cuda").masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+            per_seq = [t[s:e].transpose(0, 1)[None] for t in leaves[:3]]
+            outs.append(
+                eager_attention_forward(module.eval(), *per_seq, mask[None, None], scaling=scale)[0][0]
+            )
+        out = torch.cat(outs)
+        (out.float() * upstream).sum().backward()
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    def kernel():
+        leaves = [t.detach().bfloat16().clone().requires_grad_() for t in (q, k, v, sinks)]
+        gqa = attention._accepts(attention._varlen_fn("torch"), "enable_gqa")
+        kk, vv = leaves[1:3] if gqa else [t.repeat_interleave(heads // kv_heads, 1) for t in leaves[1:3]]
+        out = attention._VarlenWithSinks.apply(
+            leaves[0], kk, vv, leaves[3], cu, max(lengths), scale, window, gqa
+        )
+        (out.float() * upstream).sum().backward()
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    truth, base, mine = eager(torch.float32), eager(torch.bfloat16), kernel()
+    for name, t, b, m in zip(("out", "dq", "dk", "dv", "dsinks"), truth, base, mine, strict=True):
+        err, base_err = _err(m, t), _err(b, t)
+        print(f"\nsinks {window} {name}: kernel {err:.2e} (eager bf16 {base_err:.2e})")
+        assert err <= 2 * base_err + 1e-6, (name, err, base_err)
 
 
 def test_fp32_on_gpu_falls_back_exactly():

@@ -235,6 +235,70 @@ def _eager_function(module) -> Callable | None:
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+class _VarlenWithSinks(torch.autograd.Function):
+    """torch's varlen kernel with attention sinks (gpt-oss), exact in forward and backward.
+
+    A sink is one more key per head with logit ``sink`` and a zero value, so with the kernel's
+    log-sum-exp ``lse`` over the real keys the output is ``out * w``, ``w = sigmoid(lse - sink)``.
+    The gradient also flows through ``lse``, which torch's varlen backward does not propagate; it
+    needs none: run the kernel's own backward with ``grad * w`` as the output gradient and the
+    sink-scaled output in place of ``out``. Its ``D = rowsum(dO * out)`` is then
+    ``w^2 (grad . out)``, which is exactly the softmax-with-sink-column backward (the ``lse`` term
+    included), and its ``dv`` is ``P' grad`` with ``P'`` the probabilities with the sink. The sink's
+    own gradient is ``-sum_t (1 - w_t) (grad_t . out_t)`` per head.
+
+    q: (T, Hq, D); k, v: (T, Hkv, D); sinks: (Hq,) -> (T, Hq, D).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cu_seqlens, max_seqlen, scale, window, gqa):
+        left, right = window
+        causal = (left, right) == (-1, 0)
+        extra = {"enable_gqa": True} if gqa else {}
+        forward_op, _ = _varlen_ops()
+        out, lse, rng = forward_op(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            is_causal=causal, scale=scale, window_size=[left, right], **extra,
+        )  # fmt: skip
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16 inputs
+        keep = torch.sigmoid(lse.to(acc) - sinks.to(acc)[:, None]).t().unsqueeze(-1)  # (T, Hq, 1)
+        out = (out.to(acc) * keep).to(q.dtype)
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, rng, keep)
+        ctx.args = (max_seqlen, causal, scale, [left, right], sinks.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu_seqlens, out, lse, rng, keep = ctx.saved_tensors
+        max_seqlen, causal, scale, window, sink_dtype = ctx.args
+        grad = grad.contiguous()
+        _, backward_op = _varlen_ops()
+        dq, dk, dv = backward_op(
+            (grad.to(keep.dtype) * keep).to(grad.dtype), q, k, v, out, lse, cu_seqlens, cu_seqlens,
+            max_seqlen, max_seqlen, causal, rng, scale=scale, window_size=window,
+        )  # fmt: skip
+        dot = (grad.to(keep.dtype) * out.to(keep.dtype)).sum(-1)  # (T, Hq)
+        dsinks = -((1 - keep[..., 0]) * dot).sum(0)  # (Hq,)
+        return dq, dk, dv, dsinks.to(sink_dtype), None, None, None, None, None
+
+
+def _varlen_ops() -> tuple[Callable, Callable]:
+    """torch's varlen forward (out, lse, rng state) and backward ops, behind varlen_attn."""
+    ops = torch.ops.torch_attn
+    return ops._varlen_attn, ops._varlen_attn_backward
+
+
+@functools.cache
+def _torch_sinks() -> bool:
+    """Whether the ops _VarlenWithSinks calls exist here (torch >= 2.10)."""
+    try:
+        importlib.import_module("torch.nn.attention.varlen")
+        _varlen_ops()
+        return True
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
 def _kernel_attention(
     layer_plan,
     module,
@@ -248,6 +312,7 @@ def _kernel_attention(
     dropout,
     sliding_window,
     softcap,
+    s_aux=None,
 ):
     """One varlen kernel call. query, key: (1, H, T, D); value: (1, Hkv, T, Dv) -> (1, T, Hq, Dv).
 
@@ -271,7 +336,10 @@ def _kernel_attention(
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if backend == "torch":
+    if backend == "torch" and s_aux is not None:
+        gqa = q.shape[1] != k.shape[1]
+        out = _VarlenWithSinks.apply(q, k, v, s_aux, cu_seqlens, max_seqlen, scaling, window, gqa)
+    elif backend == "torch":
         extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         out = fn(
             q,
@@ -287,6 +355,8 @@ def _kernel_attention(
         )
     else:
         extra = {"softcap": softcap} if softcap else {}
+        if s_aux is not None:
+            extra["s_aux"] = s_aux
         if backend == "flash_attn":
             extra["dropout_p"] = dropout
         out = fn(
@@ -326,7 +396,7 @@ class LayerPlan:
     backend: str
     kernel: Callable
     gqa: bool  # the kernel takes K/V with fewer heads than Q
-    sinks: bool  # the kernel takes attention sinks (s_aux)
+    sinks: bool  # the kernel takes attention sinks (s_aux), or torch's through _VarlenWithSinks
     # The sliding window this layer's own attention mask gives it (None: full causal), read from
     # the model's mask code at patch time; it wins over the ``sliding_window`` the layer passes,
     # which some models leave out. window_from_mask=False: no mask was seen, trust the argument.
@@ -337,7 +407,8 @@ class LayerPlan:
 def plan(backend: str, window: int | None = None, window_from_mask: bool = False) -> LayerPlan:
     kernel = _varlen_fn(backend)
     gqa = backend in ("fa3", "flash_attn") or _accepts(kernel, "enable_gqa")
-    return LayerPlan(backend, kernel, gqa, _accepts(kernel, "s_aux"), window, window_from_mask)
+    sinks = _torch_sinks() if backend == "torch" else _accepts(kernel, "s_aux")
+    return LayerPlan(backend, kernel, gqa, sinks, window, window_from_mask)
 
 
 PLAN_ATTR = "_seqpack_plan"
@@ -442,7 +513,7 @@ def varlen_attention_forward(
     else:
         out = _kernel_attention(
             layer_plan, module, query, key, value, cu_seqlens, max_seqlen,
-            scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+            scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap, s_aux=s_aux,
         )  # fmt: skip
     return out, None
 

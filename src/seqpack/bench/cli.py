@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset name(s), hub id or local path; comma-separated (default: tiny)",
     )
     what.add_argument(
+        "--layers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="build the model with its first N decoder layers, each at its published width (random "
+        "weights), for a model whose full depth with AdamW does not fit; the table says 'N of L layers'",
+    )
+    what.add_argument(
         "--random-init", action="store_true", help="hub id / path: build from its config with random weights"
     )
     what.add_argument(
@@ -348,6 +356,7 @@ def _run_all(
         seqpack_backend=args.seqpack_backend,
         memory_budget=args.memory_budget,
         parallel=par,
+        layers=args.layers,
     )
     if args.explain and not quiet:
         torch._logging.set_logs(graph_breaks=True, recompiles=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -133,6 +134,23 @@ def best_hf_attention(options: ModeOptions) -> str:
     return "sdpa"
 
 
+def _describe_hf_packing(model: torch.nn.Module, options: ModeOptions) -> str:
+    """The attention, and "NOT EXACT" for a hybrid whose mixers' PyTorch fallbacks ignore the
+    packing (transformers issues #46093, #46851): its sequences leak into each other there."""
+    name = model.config._attn_implementation
+    from seqpack import support
+
+    depth = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    layers = support._decoder_layers(support._base_model(model), depth)
+    mixers = support.sequence_mixers(layers) if layers is not None else []
+    kernels = [m for m in ("fla", "causal_conv1d", "mamba_ssm") if importlib.util.find_spec(m) is not None]
+    if isinstance(mixers, list) and mixers and not kernels:
+        return (
+            f"{name}; NOT EXACT: {type(mixers[0][1]).__name__} without its kernels mixes the packed sequences"
+        )
+    return name
+
+
 # --------------------------------------------------------------------------- seqpack
 
 
@@ -191,7 +209,7 @@ register_mode(
         "the tuned padded path (run by default on CUDA only)",
         attn_implementation=lambda options: "sdpa",
         collate=pad_batch,
-        describe_attention=lambda model, options: "sdpa, no cuDNN",
+        describe_attention=lambda model, options: f"{model.config._attn_implementation}, no cuDNN",
         step_context=_sdpa_without_cudnn,
     )
 )
@@ -202,6 +220,7 @@ register_mode(
         "transformers has here (flash_attention_3/2 > flex_attention on GPU > sdpa); --hf-attn overrides",
         attn_implementation=best_hf_attention,
         collate=flatten_batch,
+        describe_attention=_describe_hf_packing,
     )
 )
 register_mode(

@@ -196,12 +196,32 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def build_config(name: str):
-    """The transformers config of a preset (``PretrainedConfig``)."""
+def build_config(name: str, layers: int | None = None):
+    """The transformers config of a preset (``PretrainedConfig``), at ``layers`` depth if given."""
     from transformers import AutoConfig
 
     values = dict(PRESETS[name].config)
+    if layers is not None:
+        values = _at_depth(values, layers)
     return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def _at_depth(values: dict, layers: int) -> dict:
+    """The same architecture with its first ``layers`` decoder layers: widths unchanged, per-layer
+    lists (``layer_types``, ...) cut to the new depth, so the layers kept are the published ones."""
+    depth = values["num_hidden_layers"]
+    if layers > depth:
+        raise ValueError(f"--layers {layers}: the model has only {depth} decoder layers")
+    cut = {k: v[:layers] for k, v in values.items() if isinstance(v, list) and len(v) == depth}
+    return values | cut | {"num_hidden_layers": layers}
+
+
+def depth_label(name: str, layers: int | None) -> str:
+    """The model's name in the table: '(6 of 24 layers)' when run at a reduced depth."""
+    if layers is None:
+        return name
+    depth = PRESETS[name].config["num_hidden_layers"] if name in PRESETS else None
+    return f"{name} ({layers} of {depth} layers)" if depth else f"{name} ({layers} layers)"
 
 
 def load_model(
@@ -212,27 +232,62 @@ def load_model(
     device: torch.device,
     seed: int,
     random_init: bool,
+    layers: int | None = None,
 ) -> torch.nn.Module:
     """A fresh model in train mode: a preset or hub id / path with random weights, or pretrained.
 
     Random weights are drawn under ``torch.manual_seed(seed)`` directly on ``device``, so every
-    mode gets the same initial weights, and a 7B model is not first built on the CPU.
+    mode gets the same initial weights, and a 7B model is not first built on the CPU. A model
+    without sdpa support (gpt-oss, gemma-2 on recent transformers) asked for "sdpa" gets its own
+    default attention instead, one without flex_attention gets sdpa; the table names what it got. ``layers``: build at that depth
+    (random weights only).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name in PRESETS or random_init:
-        config = build_config(name) if name in PRESETS else AutoConfig.from_pretrained(name)
+        if name in PRESETS:
+            config = build_config(name, layers)
+        else:
+            config = AutoConfig.from_pretrained(name)
+            if layers is not None:
+                config.num_hidden_layers = layers
+        attn_implementation = _supported(AutoModelForCausalLM, config, attn_implementation)
         torch.manual_seed(seed)
         with device:
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn_implementation
             )
     else:
+        if layers is not None:
+            raise ValueError("--layers builds a model from its config: add --random-init")
+        config = AutoConfig.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation
+            name,
+            dtype=dtype,
+            attn_implementation=_supported(AutoModelForCausalLM, config, attn_implementation),
         )
         model.to(device)
     return model.train()
+
+
+# attn_implementation -> the class flag transformers sets where a model supports it
+_SUPPORT_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+}
+
+
+def _supported(auto, config, attn_implementation: str | None) -> str | None:
+    """``attn_implementation`` if the model's class supports it, else "sdpa" if that, else None
+    (the model's own default: eager for gpt-oss)."""
+    cls = auto._model_mapping.get(type(config), None)
+    for choice in (attn_implementation, "sdpa"):
+        flag = _SUPPORT_FLAGS.get(choice)
+        if cls is None or flag is None or getattr(cls, flag, True):
+            return choice
+    return None
 
 
 def vocab_size(name: str) -> int:

@@ -62,7 +62,7 @@ import torch
 from . import parallel
 from .modes import IGNORE_INDEX, MODES, ModeOptions
 from .parallel import Parallel
-from .presets import load_model
+from .presets import depth_label, load_model
 
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -84,6 +84,7 @@ class BenchConfig:
     seqpack_backend: str = "auto"
     memory_budget: float | None = None
     parallel: Parallel | None = None  # None: one process, no wrapper
+    layers: int | None = None  # build the model at this depth (--layers)
 
 
 @dataclass
@@ -399,6 +400,7 @@ def _setup(model_name: str, mode, options: ModeOptions, batches, cfg: BenchConfi
         device=cfg.device,
         seed=cfg.seed,
         random_init=cfg.random_init,
+        layers=cfg.layers,
     )
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     inputs = [mode.collate(batch, pad_id) for batch in batches]
@@ -446,7 +448,7 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
     rank, world = (par.rank, par.world_size) if par else (0, 1)
     options = ModeOptions(cfg.device, cfg.hf_attn, cfg.seqpack_backend, cfg.memory_budget)
     result = Result(
-        model_name,
+        depth_label(model_name, cfg.layers),
         mode_name,
         steps=len(plan) - cfg.warmup,
         warmup_steps=cfg.warmup,
