@@ -126,8 +126,7 @@ def test_arguments_parse():
         (["--batch-size", "0"], "must be >= 1"),
         (["--data", "my.jsonl"], "--data needs --tokenizer"),
         (["--nproc", "0"], "argument --nproc: must be >= 1, got 0"),
-        (["--shard", "fsdp2"], "--shard needs several processes: --nproc 2 or more"),
-        (["--nproc", "1", "--shard", "ddp"], "--shard needs several processes"),
+        (["--shard", "fsdp2"], "--shard needs --nproc N (1 or more) or a torchrun launch"),
         (["--nproc", "2", "--shard", "zero3"], "invalid choice: 'zero3'"),
         (
             ["--token-budget", "512", "--batch-size", "4"],
@@ -164,6 +163,9 @@ def test_under_torchrun_the_world_comes_from_the_environment(monkeypatch, capsys
     args = cli.parse_args(["--device", "cpu"])
     assert (args.launched, args.world_size, args.several, args.shard) == (True, 2, True, "ddp")
     assert cli.parse_args(["--device", "cpu", "--nproc", "2", "--shard", "fsdp2"]).shard == "fsdp2"
+    # --nproc 1: one rank in a process group, to measure the wrapper's overhead on one device
+    one = cli.parse_args(["--device", "cpu", "--nproc", "1", "--shard", "fsdp2"])
+    assert (one.world_size, one.several, one.shard) == (1, True, "fsdp2")
     with pytest.raises(SystemExit):
         cli.parse_args(["--device", "cpu", "--nproc", "4"])
     assert "torchrun started this process with WORLD_SIZE=2; leave --nproc out" in capsys.readouterr().err

@@ -263,10 +263,12 @@ def _parse_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         )
     args.launched = launched is not None
     args.world_size = launched if launched is not None else (args.nproc or 1)
-    args.several = args.launched or args.world_size > 1
+    # --nproc 1 is one spawned rank in a process group of one: the sharded or DDP path and its
+    # overhead on a single device, against the same mode run without --nproc.
+    args.several = args.launched or args.nproc is not None
     if not args.several:
         if args.shard is not None:
-            parser.error("--shard needs several processes: --nproc 2 or more (or a torchrun launch)")
+            parser.error("--shard needs --nproc N (1 or more) or a torchrun launch")
         return
     args.shard = args.shard or "ddp"
     what = f"--nproc {args.world_size}" if not args.launched else f"WORLD_SIZE={args.world_size}"

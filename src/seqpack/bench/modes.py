@@ -145,9 +145,7 @@ def _describe_hf_packing(model: torch.nn.Module, options: ModeOptions) -> str:
     mixers = support.sequence_mixers(layers) if layers is not None else []
     kernels = [m for m in ("fla", "causal_conv1d", "mamba_ssm") if importlib.util.find_spec(m) is not None]
     if isinstance(mixers, list) and mixers and not kernels:
-        return (
-            f"{name}; NOT EXACT: {type(mixers[0][1]).__name__} without its kernels mixes the packed sequences"
-        )
+        return f"{name}; NOT EXACT: {type(mixers[0][1]).__name__} leaks across sequences"
     return name
 
 

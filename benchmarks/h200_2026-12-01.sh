@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU runs behind BENCHMARKS.md's 2026-12-01 tables (H200, torch 2.11, transformers 5.17).
+# Usage: PYTHONPATH=src bash benchmarks/h200_2026-12-01.sh OUTDIR [PART ...]
+# Each part writes OUTDIR/<part>.json and .log; a part that runs past its limit is cut, not the rest.
+set -u
+out=${1:?output directory}; shift
+mkdir -p "$out"
+bench() {  # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2; shift 2
+    echo "== $name: seqpack-bench $*" | tee "$out/$name.log"
+    timeout "$limit" python -m seqpack.bench "$@" --json "$out/$name.json" >>"$out/$name.log" 2>&1
+    echo "rc=$?" >>"$out/$name.log"
+    grep -E "^\||agreement|FAILED" "$out/$name.log" | head -40
+}
+parts=${*:-gptoss qwen35 fsdp2}
+for part in $parts; do
+    case $part in
+    # issue 10: gpt-oss's sinks on the varlen kernel; its padded mode runs the model's eager attention
+    gptoss) bench gpt-oss-20b_l6_b16 300 --model gpt-oss-20b --layers 6 --batch-size 16 --modes padding,hf-packing,seqpack ;;
+    # issue 11: a Gated DeltaNet hybrid; hf-packing is marked NOT EXACT (no fla kernels there)
+    qwen35) bench qwen3.5-4b_b16 200 --model qwen3.5-4b --batch-size 16 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    nemotron) bench nemotron-h-8b_b8 200 --model nemotron-h-8b --batch-size 8 --modes padding-no-cudnn,seqpack ;;
+    # issue 12: FSDP2 at world size 1 against no wrapper, and the token-budget sampler's step times
+    fsdp2)
+        bench llama-3.2-1b_b16_one 100 --model llama-3.2-1b --batch-size 16 --modes seqpack
+        bench llama-3.2-1b_b16_fsdp2_ws1 120 --model llama-3.2-1b --batch-size 16 --modes seqpack --nproc 1 --shard fsdp2
+        bench llama-3.2-1b_budget3200 100 --model llama-3.2-1b --token-budget 3200 --modes seqpack ;;
+    gemma2) bench gemma-2-2b_b16_explain 200 --model gemma-2-2b --batch-size 16 --modes seqpack --explain ;;
+    *) echo "unknown part $part" ;;
+    esac
+done
