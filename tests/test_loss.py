@@ -134,3 +134,32 @@ def test_fusable_chunk_equals_the_eager_chunk(dtype):
     assert_close(loss_fusable, loss_eager)
     assert_close(grad_fusable, grad_eager)
     assert grad_fusable[1].abs().sum() == 0 and grad_fusable[6].abs().sum() == 0  # ignored rows
+
+
+@pytest.mark.parametrize("asked", ["no", "call", "config"])
+def test_router_loss_fused_only_when_not_asked_for(asked):
+    """Mixture-of-experts forwards add a load-balancing loss only ``if output_router_logits``:
+    without it the head and loss fuse (logits None); asked for (in the call or the config), the
+    model's own loss runs, aux loss included. Both equal the unpatched model's loss and gradients."""
+    import copy
+
+    from tiny_models import build_tiny_model
+
+    reference = build_tiny_model("qwen3_moe").train()
+    reference.config.output_router_logits = asked == "config"
+    patched = patch(copy.deepcopy(reference), compile=False)
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=reference.config.vocab_size)
+    extra = {"output_router_logits": True} if asked == "call" else {}
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    assert (out.logits is None) == (asked == "no")
+    if asked != "no":
+        assert ref.aux_loss is not None and out.aux_loss is not None
+        assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    want, got = grads(reference), grads(patched)
+    assert want.keys() == got.keys()
+    for name, grad in want.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -42,6 +42,7 @@ from .support import (
     fused_loss_blocker,
     has_attention,
     mask_patterns,
+    router_loss_gated,
 )
 
 
@@ -513,7 +514,7 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     keep = min(call.pop("logits_to_keep", 0) or 0, length) if wrap.head else 0
     head = None
     if (targets is not None and module.training and not record.keep_logits) or keep:
-        head = _fusable_head(module)
+        head = _fusable_head(module, call.get("output_router_logits"))
     with (
         attention.PackedForward(),
         _NamedSeqpack(record),
@@ -550,7 +551,7 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
     labels = inputs.get("labels")
     head = None
     if wrap.head and module.training and not record.keep_logits and isinstance(labels, torch.Tensor):
-        head = _fusable_head(module)
+        head = _fusable_head(module, inputs.get("output_router_logits"))
     unfused = any(inputs.get(name) is not None for name in ("shift_labels", "logits_to_keep"))
     with _MediaCall() as media:
         if head is None or unfused:
@@ -586,8 +587,9 @@ def _fused_output(loss: torch.Tensor, out):
     return result
 
 
-def _fusable_head(model: nn.Module) -> nn.Linear | None:
+def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Linear | None:
     """The LM head, if the fused loss computes exactly what the model's forward would, now.
+    ``router_logits``: the call's ``output_router_logits`` (None: the config's).
 
     Decided at every call from the head that is there now: a PEFT adapter or trainable-token
     wrapper added after patch(), a hook or a forward replaced on the head, all keep the model's
@@ -605,6 +607,10 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
         return None
     if not _computes_causal_lm_loss(model):
         return None  # a loss function set on the model (label smoothing, say), or another loss_type
+    if router_logits is None:
+        router_logits = getattr(getattr(model, "config", None), "output_router_logits", False)
+    if router_logits and router_loss_gated(type(model)):
+        return None  # the model adds its load-balancing loss: its own loss, unfused
     return head if fused_loss_blocker(type(model), name) is None else None
 
 

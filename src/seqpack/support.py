@@ -536,6 +536,37 @@ def _is_slice_of(node, name: str) -> bool:
     return _is_keep_slice(node) and _is_slice_of(node.args[0], name)
 
 
+def _is_router_gate(node) -> bool:
+    """``if output_router_logits: ...`` with no else: a mixture-of-experts model's aux loss."""
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "output_router_logits" and not node.orelse
+
+
+class _WithoutRouterLoss(ast.NodeTransformer):
+    """The forward as it runs when no router logits are asked for: the gated aux-loss block gone,
+    and the output's ``aux_loss=`` / ``router_logits=`` fields (None, or the backbone's) with it."""
+
+    def visit_If(self, node):
+        return None if _is_router_gate(node) else self.generic_visit(node)
+
+    def visit_Assign(self, node):  # ``aux_loss = None`` before the gate
+        names = [ast.unparse(t) for t in node.targets]
+        is_none = isinstance(node.value, ast.Constant) and node.value.value is None
+        return None if names == ["aux_loss"] and is_none else self.generic_visit(node)
+
+    def visit_Call(self, node):
+        node.keywords = [k for k in node.keywords if k.arg not in ("aux_loss", "router_logits")]
+        return self.generic_visit(node)
+
+
+@functools.cache
+def router_loss_gated(cls: type) -> bool:
+    """Whether ``cls.forward`` adds a router (load-balancing) loss only ``if output_router_logits``:
+    then the fused loss is exact exactly when a call does not ask for router logits."""
+    source = _source(cls.forward)
+    return bool(source) and any(_is_router_gate(n) for n in ast.walk(ast.parse(source)))
+
+
 @functools.cache
 def fused_loss_blocker(cls: type, head: str) -> str | None:
     """Why ``cls.forward`` is not exactly ``self.loss_function(self.<head>(last hidden state))``.
@@ -545,11 +576,16 @@ def fused_loss_blocker(cls: type, head: str) -> str | None:
     its result is assigned once and never changed, and that is what ``self.loss_function`` gets.
     A head wrapped in another module (ModernBERT-decoder's ``self.decoder(self.lm_head(h))``),
     scaled or capped logits, scaled hidden states and extra losses all fail it. None: fusable.
+    A router loss gated on ``output_router_logits`` is read as absent (``router_loss_gated``): a
+    call that asks for router logits keeps the model's own loss (forward.py checks that).
     """
     source = _source(cls.forward)
     if not source:
         return "its forward has no readable source"
-    words = [w for w in _UNFUSABLE_WORDS if w in source]
+    if router_loss_gated(cls):  # read as it runs without router logits; the caller checks that
+        source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
+    # the flag itself (a parameter, passed on to the backbone) is no router loss
+    words = [w for w in _UNFUSABLE_WORDS if w in source.replace("output_router_logits", "")]
     if words:
         return f"its forward mentions {words[0]!r} (scaled or capped logits, or another loss)"
     tree = ast.parse(source)
