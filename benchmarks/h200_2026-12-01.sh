@@ -25,6 +25,9 @@ for part in $parts; do
         bench llama-3.2-1b_b16_one 100 --model llama-3.2-1b --batch-size 16 --modes seqpack
         bench llama-3.2-1b_b16_fsdp2_ws1 120 --model llama-3.2-1b --batch-size 16 --modes seqpack --nproc 1 --shard fsdp2
         bench llama-3.2-1b_budget3200 100 --model llama-3.2-1b --token-budget 3200 --modes seqpack ;;
+    qwen35b8) bench qwen3.5-4b_b8 200 --model qwen3.5-4b --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 15: long sequences (synthetic log-normal lengths over GSM8K text), 20 timed steps
+    long) bench llama-3.2-1b_long_b4 200 --model llama-3.2-1b --data long --batch-size 4 --modes padding-no-cudnn,seqpack ;;
     gemma2) bench gemma-2-2b_b16_explain 200 --model gemma-2-2b --batch-size 16 --modes seqpack --explain ;;
     *) echo "unknown part $part" ;;
     esac

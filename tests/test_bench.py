@@ -11,13 +11,15 @@ import contextlib
 import io
 import json
 import math
+import pickle
+import statistics
 import sys
 import time
 
 import pytest
 import torch
 
-from seqpack.bench import cli, data, modes, parallel, presets, report, run
+from seqpack.bench import cli, data, modes, parallel, presets, report, run, synthetic
 
 TINY_RUN = ["--model", "tiny", "--batch-size", "3", "--max-length", "100", "--steps", "2", "--warmup", "1"]
 RECORD_KEYS = {
@@ -163,12 +165,14 @@ def test_under_torchrun_the_world_comes_from_the_environment(monkeypatch, capsys
     args = cli.parse_args(["--device", "cpu"])
     assert (args.launched, args.world_size, args.several, args.shard) == (True, 2, True, "ddp")
     assert cli.parse_args(["--device", "cpu", "--nproc", "2", "--shard", "fsdp2"]).shard == "fsdp2"
-    # --nproc 1: one rank in a process group, to measure the wrapper's overhead on one device
-    one = cli.parse_args(["--device", "cpu", "--nproc", "1", "--shard", "fsdp2"])
-    assert (one.world_size, one.several, one.shard) == (1, True, "fsdp2")
     with pytest.raises(SystemExit):
         cli.parse_args(["--device", "cpu", "--nproc", "4"])
     assert "torchrun started this process with WORLD_SIZE=2; leave --nproc out" in capsys.readouterr().err
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    # --nproc 1 (no torchrun): one rank in a process group, the wrapper's overhead on one device
+    one = cli.parse_args(["--device", "cpu", "--nproc", "1", "--shard", "fsdp2"])
+    assert (one.world_size, one.several, one.shard) == (1, True, "fsdp2")
 
 
 def test_a_token_budget_below_the_longest_example_is_refused(capsys):
@@ -520,6 +524,198 @@ def test_a_memory_step_out_of_memory_keeps_the_timings(monkeypatch, tmp_path):
     (record,) = json.loads(path.read_text())
     assert record["error"] is None and record["tokens_per_s"] > 0
     assert record["peak_mem_mb"] is None and record["activation_mem_mb"] is None  # NaN, written as null
+
+
+# --------------------------------------------------------------------------- long sequences
+
+
+def test_long_data_follows_its_documented_length_distribution():
+    d = synthetic.load_long(seed=0)
+    lengths = [len(e) for e in d.examples]
+    assert len(lengths) > 800 and d.vocab_size == 32000
+    assert "synthetic" in d.name and "median 1.2k, max 8192" in d.name
+    assert statistics.median(lengths) == pytest.approx(1200, rel=0.1)
+    assert 2 <= min(lengths) and max(lengths) <= 8192
+    assert sum(n == 8192 for n in lengths) >= 1  # the cap is reached, and holds
+    # log-normal with sigma 0.8: the log lengths' spread (the cap trims a little of the top)
+    assert statistics.stdev(math.log(n) for n in lengths) == pytest.approx(0.8, abs=0.08)
+    # Consecutive cuts of the GSM8K stream, in file order: real text, BOS/EOS inside the documents.
+    stream = [t for e in data.load_default().examples for t in e]
+    assert [t for e in d.examples for t in e] == stream[: sum(lengths)]
+    assert sum(lengths) > 0.99 * len(stream)
+    # --max-length still cuts them.
+    batches = data.make_batches(d, batch_size=8, num_batches=4, seed=0, max_length=256)
+    assert all(len(e) <= 256 for b in batches for e in b) and max(len(e) for b in batches for e in b) == 256
+
+
+@pytest.mark.parametrize("load", [synthetic.load_long, synthetic.load_rl], ids=["long", "rl"])
+def test_synthetic_lengths_are_seeded(load):
+    a, b, other = load(seed=1), load(seed=1), load(seed=2)
+    assert a == b
+    assert [len(e) for e in a.examples] != [len(e) for e in other.examples]
+
+
+def _rl_batch(max_length: int | None = None) -> list[list[int]]:
+    """Four RL examples, the first two cut by max_length when given."""
+    examples = synthetic.load_rl(seed=0).examples[:4]
+    if max_length:
+        examples = [data.with_ids(e, e[:max_length]) for e in examples[:2]] + examples[2:]
+    return examples
+
+
+def test_rl_data_is_question_prompts_and_long_completions():
+    d = synthetic.load_rl(seed=0)
+    gsm8k = data.load_default().examples
+    assert len(d.examples) > 300 and "synthetic" in d.name and "loss on completions only" in d.name
+    prompts = [e.prompt_length for e in d.examples]
+    completions = [len(e) - e.prompt_length for e in d.examples]
+    for e, question in zip(d.examples, gsm8k, strict=False):
+        assert isinstance(e, data.Prompted)
+        assert list(e[: e.prompt_length]) == question[: e.prompt_length]  # BOS "Question: ...\nAnswer:"
+        assert tuple(e[e.prompt_length - 4 : e.prompt_length]) == synthetic._ANSWER_IDS
+    assert 50 < statistics.median(prompts) < 100 and max(prompts) < 256
+    assert statistics.median(completions) == pytest.approx(2000, rel=0.15)
+    assert max(completions) <= 8192 and min(completions) >= 2
+
+
+def test_rl_labels_are_ignored_on_prompts_and_padding_only():
+    examples = _rl_batch(max_length=300)
+    assert len(examples[0]) == 300 and examples[0].prompt_length < 300
+    padded = modes.pad_batch(examples, 0)
+    for row, e in enumerate(examples):
+        positions = torch.arange(padded["labels"].shape[1])
+        ignored = (positions < e.prompt_length) | (positions >= len(e))
+        assert torch.equal(padded["labels"][row] == modes.IGNORE_INDEX, ignored)
+        real = ~ignored
+        assert torch.equal(padded["labels"][row][real], padded["input_ids"][row][real])
+    flat = modes.flatten_batch(examples, 0)
+    assert flat["input_ids"][0].tolist() == [t for e in examples for t in e]
+    expected = []
+    for e in examples:
+        expected += [modes.IGNORE_INDEX] * e.prompt_length + list(e[e.prompt_length :])
+    assert flat["labels"][0].tolist() == expected
+    # Both collates leave the same targets: the same loss.
+    assert int((padded["labels"] != modes.IGNORE_INDEX).sum()) == int(
+        (flat["labels"] != modes.IGNORE_INDEX).sum()
+    )
+
+
+def test_plain_examples_collate_as_before():
+    from transformers import DataCollatorWithFlattening
+
+    examples = data.load_default().examples[:3]
+    padded = modes.pad_batch(examples, 0)
+    assert torch.equal(
+        padded["labels"], padded["input_ids"].masked_fill(padded["attention_mask"] == 0, modes.IGNORE_INDEX)
+    )
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=modes.IGNORE_INDEX)
+    before = collator([{"input_ids": e} for e in examples], return_tensors="pt")
+    after = modes.flatten_batch(examples, 0)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(torch.as_tensor(before[key]), torch.as_tensor(after[key])), key
+
+
+def test_a_prompt_survives_cuts_folds_and_pickling():
+    e = data.Prompted([1, 5, 6, 7, 8], prompt_length=3)
+    assert data.with_ids(e, e[:4]).prompt_length == 3 and data.with_ids(e, e[:2]).prompt_length == 2
+    assert data.with_ids([1, 2, 3], [1, 2]) == [1, 2] and data.prompt_length([1, 2]) == 0
+    (((folded,),),) = data.fold_vocab([[[e]]], 6)
+    assert folded == [1, 5, 0, 1, 2] and folded.prompt_length == 3
+    copy = pickle.loads(pickle.dumps(e))  # how --nproc hands the plan to its processes
+    assert copy == e and copy.prompt_length == 3
+    # A cut that leaves no completion token leaves no target: the example is dropped.
+    d = data.TokenData("x", [e, data.Prompted([1, 5, 6, 7], prompt_length=2)], 10)
+    assert data._pool(d, max_length=3) == [[1, 5, 6]]
+    pool = data._pool(synthetic.load_rl(seed=0), max_length=64)
+    assert pool and all(len(e) <= 64 and e.prompt_length < len(e) for e in pool)
+
+
+def test_stalls_count_steps_over_one_and_a_half_medians():
+    times = [0.10] * 7 + [0.15, 0.16, 0.40]  # 0.15 is exactly 1.5x: not a stall
+    result = run.Result(
+        "tiny", "padding", steps=10, step_times_s=times, step_time_median_s=statistics.median(times)
+    )
+    assert run.count_stalls(result) == 2
+    assert run.count_stalls(run.Result("tiny", "padding")) == 0  # no timed steps
+    result.stalled_steps = run.count_stalls(result)
+    env = report.environment(torch.device("cpu"))
+    run_info = {"data": "d", "batch_size": 2, "steps": 10, "warmup": 0, "dtype": "fp32"}
+    run_info |= {"optimizer": "adamw", "seed": 0, "command": "seqpack-bench"}
+    out = report.format_report([result], run.LossCheck(0.0, 1e-4, []), env, run_info)
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "Stalls (>1.5x median)" in line)  # the details table
+
+    def cells(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    assert cells(lines[at + 2])[cells(lines[at]).index("Stalls (>1.5x median)")] == "2"
+    (record,) = report.records([result], env, run_info)
+    assert record["stalled_steps"] == 2
+
+
+def test_the_real_run_records_its_stalls(tiny_run):
+    _, out, _, records = tiny_run
+    assert "| Stalls (>1.5x median) |" in out
+    for r in records:
+        assert isinstance(r["stalled_steps"], int)
+        median = statistics.median(r["step_times_s"])
+        assert r["stalled_steps"] == sum(t > 1.5 * median for t in r["step_times_s"])
+
+
+def test_long_and_rl_data_default_to_more_steps_on_gpu(monkeypatch):
+    assert cli.parse_args(["--device", "cpu", "--data", "rl"]).steps == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ["long", "rl"]:
+        args = cli.parse_args(["--data", name])  # embedded ids: no --tokenizer needed
+        assert (args.steps, args.warmup, args.tokenizer) == (20, 3, None)
+        assert cli.parse_args(["--data", name, "--steps", "5"]).steps == 5
+    assert cli.parse_args([]).steps == 10
+
+
+def test_long_data_runs_end_to_end():
+    argv = ["--data", "long", "--modes", "padding,hf-packing", "--max-length", "256"]
+    code, out, err = _main([*argv, "--steps", "1", "--warmup", "0", "--batch-size", "2"])
+    assert code == 0, err
+    assert "data: gsm8k-long (synthetic: log-normal lengths, median 1.2k, max 8192, over GSM8K text)" in out
+    assert "First-step loss agreement" in out and ": OK" in out
+
+
+def test_rl_data_runs_end_to_end_with_the_loss_on_completions(tmp_path):
+    path = tmp_path / "out.json"
+    argv = ["--data", "rl", "--max-length", "256", "--steps", "1", "--warmup", "0", "--batch-size", "2"]
+    code, out, err = _main([*argv, "--json", str(path)])
+    assert code == 0, err
+    assert "data: gsm8k-rl (synthetic: GSM8K question prompts" in out
+    assert "First-step loss agreement" in out and ": OK" in out
+    records = json.loads(path.read_text())
+    assert [r["mode"] for r in records] == list(modes.DEFAULT_MODES)
+    (batch,) = data.make_plan(synthetic.load_rl(seed=0), num_steps=1, seed=0, batch_size=2, max_length=256)[0]
+    for r in records:
+        assert r["real_tokens"] == sum(map(len, batch))  # every input token counts, prompts included
+        assert r["stalled_steps"] == 0  # one timed step is its own median
+    # The unpatched model's mean cross-entropy over the completions' targets only, by hand.
+    model = presets.load_model(
+        "tiny",
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=0,
+        random_init=False,
+    )
+    inputs = modes.pad_batch(batch, 0)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    losses = []
+    for row, e in enumerate(batch):
+        targets = torch.tensor(e[e.prompt_length :])  # (C,): each predicted from the token before
+        losses.append(
+            torch.nn.functional.cross_entropy(
+                logits[row, e.prompt_length - 1 : len(e) - 1], targets, reduction="sum"
+            )
+        )
+    by_hand = float(sum(losses)) / sum(len(e) - e.prompt_length for e in batch)
+    assert records[0]["first_loss"] == pytest.approx(by_hand, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- several processes

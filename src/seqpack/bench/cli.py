@@ -4,6 +4,7 @@
     seqpack-bench --model llama-3.2-1b              # on a GPU: bf16, batch 16
     seqpack-bench --model mistral-7b --batch-size 8 --json out.json --plot out.png
     seqpack-bench --model ./my-model --data my.jsonl --text-field text --tokenizer ./my-model
+    seqpack-bench --model llama-3.2-1b --data rl      # long RL-like completions, 20 timed steps
     seqpack-bench --model llama-3.2-1b --nproc 8 --token-budget 4096    # DDP over 8 GPUs
     seqpack-bench --nproc 2 --shard fsdp2 --batch-size 4                 # 2 CPU processes (gloo)
     torchrun --nproc-per-node 8 -m seqpack.bench --model mistral-7b     # launched by torchrun
@@ -11,7 +12,10 @@
 On a GPU keep at least 2 warm-up steps (the default is 3): transformers' flex_attention compiles
 for the first packed length and again, shape-dynamic, for the second, and seqpack's first step has
 one-off costs too. Warm-up time is reported apart; each mode's slowest timed step is shown next to
-its median.
+its median, with the count of stalls (timed steps over 1.5x the median).
+
+``--data long`` and ``--data rl`` are synthetic lengths over the embedded GSM8K ids (synthetic.py):
+long documents, or short prompts with long completions and the loss on the completions only.
 
 ``--nproc N`` spawns N processes and prints rank 0's table from the parent (parallel.py says
 how and why); under torchrun the command runs as the rank torchrun made it, and rank 0 prints.
@@ -31,7 +35,7 @@ import sys
 import torch
 
 from . import data as data_lib
-from . import parallel
+from . import parallel, synthetic
 from .modes import CUDA_DEFAULT_MODES, DEFAULT_MODES, MODES
 from .parallel import SHARDS, Parallel
 from .presets import PRESETS, vocab_size
@@ -119,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data",
         default=data_lib.DEFAULT_DATA,
-        help="'gsm8k' (embedded, default), a .jsonl file, or a hub dataset (online, needs `datasets`)",
+        help="'gsm8k' (embedded, default); 'long' or 'rl', synthetic lengths over the embedded GSM8K ids "
+        "(long: log-normal documents, median 1.2k tokens, max 8192; rl: GSM8K question prompts with "
+        "log-normal completions, median 2k, max 8192, loss on completions only); a .jsonl file; or a hub "
+        "dataset (online, needs `datasets`)",
     )
     data.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     data.add_argument(
@@ -161,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --token-budget, an example longer than T: an error (default), or a batch of its own",
     )
-    train.add_argument("--steps", type=_positive, help="timed steps per mode (default: 10 on GPU, 4 on CPU)")
+    train.add_argument(
+        "--steps",
+        type=_positive,
+        help="timed steps per mode (default: 10 on GPU, 20 with --data long or rl; 4 on CPU)",
+    )
     train.add_argument(
         "--warmup",
         type=_non_negative,
@@ -230,12 +241,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
     gpu = args.device.type != "cpu"
     if args.steps is None:
-        args.steps = 10 if gpu else 4
+        # Long, uneven lengths: more steps, so that the median and the stall count rest on more than
+        # a handful of lengths.
+        args.steps = (20 if args.data in synthetic.SHAPES else 10) if gpu else 4
     if args.warmup is None:
         args.warmup = 3 if gpu else 1
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
-    if args.data != data_lib.DEFAULT_DATA and args.tokenizer is None:
+    embedded = args.data == data_lib.DEFAULT_DATA or args.data in synthetic.SHAPES  # ids, no tokenizer
+    if not embedded and args.tokenizer is None:
         local_models = [m for m in args.model if m not in PRESETS]
         if not local_models:
             parser.error("--data needs --tokenizer (a preset has no tokenizer)")
@@ -292,6 +306,8 @@ def _parse_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _load_data(args: argparse.Namespace) -> data_lib.TokenData:
     if args.data == data_lib.DEFAULT_DATA:
         return data_lib.load_default()
+    if args.data in synthetic.SHAPES:
+        return synthetic.SHAPES[args.data](seed=args.seed)
     return data_lib.load_text_data(
         args.data,
         tokenizer=args.tokenizer,

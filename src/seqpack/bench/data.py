@@ -6,7 +6,9 @@ read with the standard library only, so the default run needs no network, tokeni
 A user's JSONL (or, online, a hub dataset) is tokenised here with their tokenizer.
 
 A batch is a list of examples, each a list of token ids; the modes turn it into tensors
-(padded or flattened) themselves, so every mode starts from the very same ids. A plan is every
+(padded or flattened) themselves, so every mode starts from the very same ids. An example whose
+first tokens are a prompt with no loss on them (``--data rl``, synthetic.py) is a ``Prompted``
+list: still a list of ids, so counting, cutting and batching treat it as any other. A plan is every
 rank's batch of every step (``plan[step][rank]``; one process: one batch a step), computed the
 same way in every process.
 """
@@ -67,6 +69,40 @@ def load_default() -> TokenData:
     """GSM8K train (7,473 examples, mean 199 tokens), as shipped in ``seqpack/bench/data``."""
     payload = gzip.decompress(resources.files("seqpack.bench").joinpath("data", _DEFAULT_FILE).read_bytes())
     return decode_token_file(payload, "gsm8k-train (mistral-7b tokenizer)")
+
+
+class Prompted(list):
+    """An example whose first ``prompt_length`` ids are a prompt: the collates label them -100.
+
+    A list subclass rather than a record, so that everything that reads an example as its ids
+    (``len``, token counts, ``torch.tensor``, pickling to ``--nproc`` ranks) works unchanged and the
+    plain examples of the default data stay plain lists. What makes a new list of ids from an
+    example (a cut, a vocab fold) goes through ``with_ids``, which keeps the prompt. Compares equal
+    to a plain list of the same ids.
+
+    Example:
+        >>> e = Prompted([1, 22478, 28747, 13, 7], prompt_length=4)
+        >>> len(e), prompt_length(e), prompt_length([1, 2])
+        (5, 4, 0)
+    """
+
+    __slots__ = ("prompt_length",)
+
+    def __init__(self, ids, prompt_length: int):
+        super().__init__(ids)
+        self.prompt_length = prompt_length
+
+
+def prompt_length(example: list[int]) -> int:
+    """How many leading ids of ``example`` carry no loss: its prompt (0 for a plain list)."""
+    return getattr(example, "prompt_length", 0)
+
+
+def with_ids(example: list[int], ids: list[int]) -> list[int]:
+    """``ids`` as the same kind of example: a ``Prompted`` keeps its prompt, cut to ``len(ids)``."""
+    if isinstance(example, Prompted):
+        return Prompted(ids, min(example.prompt_length, len(ids)))
+    return ids
 
 
 class Tokenizer(NamedTuple):
@@ -144,8 +180,9 @@ def load_text_data(
 
 
 def _pool(data: TokenData, max_length: int | None) -> list[list[int]]:
-    pool = [e[:max_length] if max_length else e for e in data.examples]
-    return [e for e in pool if len(e) >= 2]
+    pool = [with_ids(e, e[:max_length]) if max_length else e for e in data.examples]
+    # At least one next-token target: 2 ids, or one id past the prompt.
+    return [e for e in pool if len(e) - max(prompt_length(e), 1) >= 1]
 
 
 def make_batches(
@@ -154,7 +191,8 @@ def make_batches(
     """Seeded batches of random examples, drawn without replacement (reshuffled each epoch).
 
     Examples longer than ``max_length`` are cut to their first ``max_length`` tokens; examples
-    shorter than 2 tokens are dropped (they have no next-token target).
+    with no next-token target are dropped: shorter than 2 tokens, or (``Prompted``) nothing left
+    after the prompt.
     """
     pool = _pool(data, max_length)
     if len(pool) < batch_size:
@@ -227,5 +265,9 @@ def make_plan(
 
 
 def fold_vocab(plan: list[list[list[list[int]]]], vocab_size: int) -> list[list[list[list[int]]]]:
-    """Map a plan's ids into a smaller model vocab (id % vocab_size): keeps lengths, loses meaning."""
-    return [[[[t % vocab_size for t in example] for example in batch] for batch in step] for step in plan]
+    """Map a plan's ids into a smaller model vocab (id % vocab_size): keeps lengths and prompts,
+    loses meaning."""
+    return [
+        [[with_ids(example, [t % vocab_size for t in example]) for example in batch] for batch in step]
+        for step in plan
+    ]

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .data import prompt_length
+
 IGNORE_INDEX = -100
 
 
@@ -78,7 +80,8 @@ def pad_batch(examples: Batch, pad_id: int) -> Inputs:
 
     Returns:
         input_ids: (B, L) int64; attention_mask: (B, L) int64, 1 on real tokens;
-        labels: (B, L) int64, the input ids with IGNORE_INDEX on padding.
+        labels: (B, L) int64, the input ids with IGNORE_INDEX on padding and on a
+        ``data.Prompted`` example's prompt.
     """
     longest = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, L)
@@ -87,6 +90,8 @@ def pad_batch(examples: Batch, pad_id: int) -> Inputs:
         input_ids[row, : len(example)] = torch.tensor(example, dtype=torch.long)
         attention_mask[row, : len(example)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
+    for row, example in enumerate(examples):
+        labels[row, : prompt_length(example)] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -95,13 +100,19 @@ def flatten_batch(examples: Batch, pad_id: int) -> Inputs:
 
     Returns:
         input_ids, labels, position_ids: (1, T) int64 (labels hold IGNORE_INDEX at each example's
-        first token, so no target crosses an example boundary); cu_seq_lens_q/k: (B + 1,) int32;
-        max_length_q/k: int.
+        first token, so no target crosses an example boundary, and on a ``data.Prompted``
+        example's prompt); cu_seq_lens_q/k: (B + 1,) int32; max_length_q/k: int.
     """
     from transformers import DataCollatorWithFlattening
 
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
-    return dict(collator([{"input_ids": e} for e in examples], return_tensors="pt"))
+    # Per-example labels, as the collator takes them; for a plain example (no prompt) they are its
+    # ids, which is what the collator would use without them.
+    features = [
+        {"input_ids": list(e), "labels": [IGNORE_INDEX] * prompt_length(e) + e[prompt_length(e) :]}
+        for e in examples
+    ]
+    return dict(collator(features, return_tensors="pt"))
 
 
 # --------------------------------------------------------------------------- attention choice

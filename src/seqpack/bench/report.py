@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .run import LossCheck, Result
+from .run import STALL_FACTOR, LossCheck, Result
 
 
 @dataclasses.dataclass
@@ -204,6 +204,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
                 f"{r.warmup_time_s:.2f}",
                 f"{r.step_time_median_s:.3f}",
                 f"{max(r.step_times_s, default=0.0):.3f}",
+                str(r.stalled_steps),
                 _fmt(r.held_mem_mb, ",.0f"),
                 _fmt(r.activation_mem_mb, ",.0f"),
                 f"{r.first_loss:.6f}",
@@ -217,12 +218,13 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
             "Warm-up (s)",
             "Step median (s)",
             "Step max (s)",
+            f"Stalls (>{STALL_FACTOR:g}x median)",
             "Held (MB)",
             "Activations (MB)",
             "First loss",
             "Loss rel. diff",
         ]
-        lines.append(_markdown(header, detail, right={2, 3, 4, 5, 6, 7, 8}))
+        lines.append(_markdown(header, detail, right=set(range(2, len(header)))))
     lines += ["", loss_verdict(check)]
     return "\n".join(lines)
 

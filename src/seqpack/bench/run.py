@@ -4,7 +4,8 @@ For every mode a fresh model is built from the same seed, so the first step of e
 from identical weights on identical tokens and its loss must agree with the other modes': that is
 the benchmark's correctness check. The first ``warmup`` steps (kernel selection, flex_attention's
 compilation, allocator growth) are timed apart; the rest are timed as one stretch between two
-device synchronisations, with per-step device events for the median.
+device synchronisations, with per-step device events for the median; a timed step slower than
+1.5x the median (``STALL_FACTOR``) counts as a stall.
 
 Memory, per mode, from one extra step after the timed stretch (the *memory step*). The timed steps
 free the gradients after each optimizer step, as Trainer, Accelerate and ``optimizer.zero_grad()``
@@ -65,6 +66,9 @@ from .parallel import Parallel
 from .presets import depth_label, load_model
 
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+# A timed step slower than this many times the median step is a stall (a kernel planned or
+# compiled for a new length, an allocator growing): long and uneven sequences show them.
+STALL_FACTOR = 1.5
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Result:
     time_s: float = 0.0
     step_time_median_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
+    stalled_steps: int = 0  # timed steps over STALL_FACTOR x the median step time
     tokens_per_s: float = 0.0
     real_tokens: int = 0  # every rank's, in the timed steps
     padded_tokens: int = 0
@@ -585,6 +590,7 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
             held_mb, peak_mb = _largest([r["held"] for r in ranks]), _largest([r["peak"] for r in ranks])
             note = next((r["note"] for r in ranks if r["note"]), "")
         result.step_time_median_s = statistics.median(result.step_times_s) if result.step_times_s else 0.0
+        result.stalled_steps = count_stalls(result)
         result.tokens_per_s = result.real_tokens / result.time_s if result.time_s > 0 else 0.0
         result.tokens_per_s_per_process = result.tokens_per_s / world
         result.first_loss = result.losses[0]
@@ -613,6 +619,17 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
 
 
 # --------------------------------------------------------------------------- the checks
+
+
+def count_stalls(result: Result) -> int:
+    """Timed steps (``step_times_s``) slower than STALL_FACTOR x ``step_time_median_s``.
+
+    Example:
+        >>> count_stalls(Result("m", "padding", step_times_s=[1.0, 1.0, 1.6, 1.0], step_time_median_s=1.0))
+        1
+    """
+    limit = STALL_FACTOR * result.step_time_median_s
+    return sum(t > limit for t in result.step_times_s)
 
 
 @dataclass
