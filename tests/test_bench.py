@@ -638,29 +638,36 @@ def test_stalls_count_steps_over_one_and_a_half_medians():
     )
     assert run.count_stalls(result) == 2
     assert run.count_stalls(run.Result("tiny", "padding")) == 0  # no timed steps
+    # Per real token: the 0.40 s step carried 4x the tokens, so it is no stall; the 0.16 s one is.
+    tokens = [[1000]] * 9 + [[4000]]
+    by_token = run.Result("tiny", "padding", step_times_s=times, rank_real_tokens=tokens)
+    assert run.count_stalls(by_token) == 1
     result.stalled_steps = run.count_stalls(result)
     env = report.environment(torch.device("cpu"))
     run_info = {"data": "d", "batch_size": 2, "steps": 10, "warmup": 0, "dtype": "fp32"}
     run_info |= {"optimizer": "adamw", "seed": 0, "command": "seqpack-bench"}
     out = report.format_report([result], run.LossCheck(0.0, 1e-4, []), env, run_info)
     lines = out.splitlines()
-    at = next(i for i, line in enumerate(lines) if "Stalls (>1.5x median)" in line)  # the details table
+    at = next(
+        i for i, line in enumerate(lines) if "Stalls (>1.5x median s/token)" in line
+    )  # the details table
 
     def cells(line):
         return [c.strip() for c in line.strip("|").split("|")]
 
-    assert cells(lines[at + 2])[cells(lines[at]).index("Stalls (>1.5x median)")] == "2"
+    assert cells(lines[at + 2])[cells(lines[at]).index("Stalls (>1.5x median s/token)")] == "2"
     (record,) = report.records([result], env, run_info)
     assert record["stalled_steps"] == 2
 
 
 def test_the_real_run_records_its_stalls(tiny_run):
     _, out, _, records = tiny_run
-    assert "| Stalls (>1.5x median) |" in out
+    assert "| Stalls (>1.5x median s/token) |" in out
     for r in records:
         assert isinstance(r["stalled_steps"], int)
-        median = statistics.median(r["step_times_s"])
-        assert r["stalled_steps"] == sum(t > 1.5 * median for t in r["step_times_s"])
+        per_token = [t / sum(n) for t, n in zip(r["step_times_s"], r["rank_real_tokens"], strict=True)]
+        median = statistics.median(per_token)
+        assert r["stalled_steps"] == sum(t > 1.5 * median for t in per_token)
 
 
 def test_long_and_rl_data_default_to_more_steps_on_gpu(monkeypatch):
