@@ -28,6 +28,8 @@ for part in $parts; do
     qwen35b8) bench qwen3.5-4b_b8 200 --model qwen3.5-4b --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
     # issue 15: long sequences (synthetic log-normal lengths over GSM8K text), 20 timed steps
     long) bench llama-3.2-1b_long_b4 200 --model llama-3.2-1b --data long --batch-size 4 --modes padding-no-cudnn,seqpack ;;
+    # issue 14: a VLM with one synthetic image per example (bench/media.py), vision tower whole
+    vlm) bench qwen2.5-vl-7b_l4_b8 110 --model qwen2.5-vl-7b --layers 4 --batch-size 8 --steps 5 --warmup 2 --modes padding-no-cudnn,seqpack ;;
     gemma2) bench gemma-2-2b_b16_explain 200 --model gemma-2-2b --batch-size 16 --modes seqpack --explain ;;
     *) echo "unknown part $part" ;;
     esac

@@ -35,10 +35,10 @@ import sys
 import torch
 
 from . import data as data_lib
-from . import parallel, synthetic
+from . import media, parallel, synthetic
 from .modes import CUDA_DEFAULT_MODES, DEFAULT_MODES, MODES
 from .parallel import SHARDS, Parallel
-from .presets import PRESETS, vocab_size
+from .presets import PRESETS, model_config, vocab_size
 from .report import Environment, environment, format_report, warn_mismatch, write_json, write_plot
 from .run import LOSS_TOLERANCE, BenchConfig, Result, check_first_losses, run_mode, set_speedups
 
@@ -391,6 +391,11 @@ def _run_all(
                     file=sys.stderr,
                 )
             model_plan = data_lib.fold_vocab(plan, model_vocab)
+        spec = media.image_spec(model_config(model, args.layers))
+        if spec is not None:  # a vision-language model: an image in front of every example
+            model_plan = media.with_images(model_plan, spec, args.seed)
+            if not quiet:
+                print(f"note: {model}: {media.describe(spec)}", file=sys.stderr)
         for mode in args.modes:
             if args.explain:
                 torch._dynamo.utils.counters.clear()

@@ -395,6 +395,53 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "qwen2.5-vl-7b",
+            "Qwen/Qwen2.5-VL-7B-Instruct: the language model and its whole vision tower; the bench adds "
+            "one synthetic image per example (bench/media.py)",
+            dict(
+                model_type="qwen2_5_vl",
+                hidden_act="silu",
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=128000,
+                rope_theta=1000000.0,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                sliding_window=32768,
+                use_sliding_window=False,
+                max_window_layers=28,
+                attention_dropout=0.0,
+                vocab_size=152064,
+                tie_word_embeddings=False,
+                bos_token_id=151643,
+                eos_token_id=151645,
+                vision_start_token_id=151652,
+                vision_end_token_id=151653,
+                vision_token_id=151654,
+                image_token_id=151655,
+                video_token_id=151656,
+                vision_config=dict(
+                    depth=32,
+                    hidden_act="silu",
+                    hidden_size=1280,
+                    intermediate_size=3420,
+                    num_heads=16,
+                    in_chans=3,
+                    out_hidden_size=3584,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    spatial_patch_size=14,
+                    window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31],
+                    tokens_per_second=2,
+                    temporal_patch_size=2,
+                ),
+            ),
+        ),
+        Preset(
             "nemotron-h-8b",
             "nvidia/Nemotron-H-8B-Base-8K (from NVIDIA Megatron-Bridge's copy of its config): Mamba-2 "
             "layers, 4 attention layers, MLPs",
@@ -481,35 +528,48 @@ def load_model(
     Random weights are drawn under ``torch.manual_seed(seed)`` directly on ``device``, so every
     mode gets the same initial weights, and a 7B model is not first built on the CPU. A model
     without sdpa support (gpt-oss, gemma-2 on recent transformers) asked for "sdpa" gets its own
-    default attention instead, one without flex_attention gets sdpa; the table names what it got. ``layers``: build at that depth
-    (random weights only).
+    default attention instead, one without flex_attention gets sdpa; the table names what it got.
+    ``layers``: build at that depth (random weights only). A vision-language config is built as
+    an image-text-to-text model, vision tower included.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if name in PRESETS or random_init:
-        if name in PRESETS:
-            config = build_config(name, layers)
-        else:
-            config = AutoConfig.from_pretrained(name)
-            if layers is not None:
-                config.num_hidden_layers = layers
-        attn_implementation = _supported(AutoModelForCausalLM, config, attn_implementation)
+        config = model_config(name, layers)
+        auto = _auto_class(config)
+        attn_implementation = _supported(auto, config, attn_implementation)
         torch.manual_seed(seed)
         with device:
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation=attn_implementation
-            )
+            model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     else:
         if layers is not None:
             raise ValueError("--layers builds a model from its config: add --random-init")
-        config = AutoConfig.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            dtype=dtype,
-            attn_implementation=_supported(AutoModelForCausalLM, config, attn_implementation),
+        config = model_config(name)
+        auto = _auto_class(config)
+        model = auto.from_pretrained(
+            name, dtype=dtype, attn_implementation=_supported(auto, config, attn_implementation)
         )
         model.to(device)
     return model.train()
+
+
+def model_config(name: str, layers: int | None = None):
+    """A preset's config, or a hub id's / path's (``from_pretrained``), at ``layers`` depth."""
+    if name in PRESETS:
+        return build_config(name, layers)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    if layers is not None:
+        config.get_text_config().num_hidden_layers = layers
+    return config
+
+
+def _auto_class(config):
+    """AutoModelForImageTextToText for a vision-language config, else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 # attn_implementation -> the class flag transformers sets where a model supports it

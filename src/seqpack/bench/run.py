@@ -60,10 +60,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import parallel
-from .modes import IGNORE_INDEX, MODES, ModeOptions
+from . import media, parallel
+from .modes import IGNORE_INDEX, MODES, ModeOptions, pad_batch
 from .parallel import Parallel
-from .presets import depth_label, load_model
+from .presets import depth_label, load_model, model_config
 
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # A timed step slower than this many times the median step is a stall (a kernel planned or
@@ -407,8 +407,16 @@ def _setup(model_name: str, mode, options: ModeOptions, batches, cfg: BenchConfi
         random_init=cfg.random_init,
         layers=cfg.layers,
     )
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
     inputs = [mode.collate(batch, pad_id) for batch in batches]
+    spec = media.image_spec(model.config)
+    if spec is not None:
+        if mode.collate is not pad_batch:
+            raise ValueError(
+                f"mode {mode.name!r} collates no images: transformers' flattening collator takes text "
+                "only (and TRL refuses padding-free for vision-language models)"
+            )
+        inputs = [media.attach(x, spec, cfg.seed) for x in inputs]
     model = mode.prepare(model, options)  # patch before any wrapper: the layers it compiles are sharded
     fsdp2 = cfg.parallel is not None and cfg.parallel.shard == "fsdp2"
     layers = parallel.decoder_layers(model) if fsdp2 else []
@@ -437,6 +445,11 @@ def _count_targets(inputs: list[dict]) -> None:
         x["num_items_in_batch"] = torch.tensor(count)  # a tensor, as the Trainer's: no recompile per value
 
 
+@functools.cache
+def _takes_images(model_name: str) -> bool:
+    return media.image_spec(model_config(model_name)) is not None
+
+
 def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]], cfg: BenchConfig) -> Result:
     """Train a fresh model for len(plan) steps in one mode; the first cfg.warmup are warm-up.
 
@@ -453,7 +466,7 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
     rank, world = (par.rank, par.world_size) if par else (0, 1)
     options = ModeOptions(cfg.device, cfg.hf_attn, cfg.seqpack_backend, cfg.memory_budget)
     result = Result(
-        depth_label(model_name, cfg.layers),
+        depth_label(model_name, cfg.layers) + (" + images" if _takes_images(model_name) else ""),
         mode_name,
         steps=len(plan) - cfg.warmup,
         warmup_steps=cfg.warmup,
