@@ -858,3 +858,50 @@ def test_a_failing_process_stops_the_others():
     with pytest.raises(parallel.LaunchFailed, match="rank 1 failed on purpose"):
         parallel.launch(_fail_on_rank_1, 2, ())
     assert time.monotonic() - start < 60  # rank 0 was stopped, not waited for
+
+
+# --------------------------------------------------------------------------- vision-language models
+
+
+def test_images_attach_to_the_placeholder_runs():
+    from seqpack.bench import media
+
+    spec = media.ImageSpec(image_token=250, start_token=251, end_token=252, merge=2, patch_features=12)
+    plan = media.with_images([[[[5, 250, 6], [7, 8]]]], spec, seed=0)  # a text 250 would read as an image
+    (batch,) = plan[0]
+    assert all(e[0] == 251 and 252 in e for e in batch) and batch[0][-3:] == [5, 0, 6]
+    inputs = media.attach(modes.pad_batch(batch, pad_id=0), spec, seed=0)
+    runs = [(e.index(252) - 1) for e in batch]  # image tokens of each example
+    grids = [next(g for g in media.GRIDS if g[0] * g[1] == n) for n in runs]
+    assert inputs["image_grid_thw"].tolist() == [[1, 2 * h, 2 * w] for h, w in grids]
+    assert inputs["pixel_values"].shape == (sum(4 * h * w for h, w in grids), 12)
+    is_image = inputs["input_ids"] == 250
+    assert (inputs["labels"][is_image] == -100).all() and (
+        inputs["labels"][~is_image & (inputs["attention_mask"] == 1)] != -100
+    ).all()
+    again = media.attach(modes.pad_batch(batch, pad_id=0), spec, seed=0)
+    assert torch.equal(again["pixel_values"], inputs["pixel_values"])  # every mode sees the same pixels
+    assert presets.model_config("qwen2.5-vl-7b") and media.image_spec(presets.model_config("qwen2.5-vl-7b"))
+    assert media.image_spec(presets.model_config("tiny")) is None
+
+
+def test_a_vision_language_model_trains_with_images(tmp_path):
+    """A tiny Qwen2.5-VL: padded and seqpack modes on the same image batches, first losses equal;
+    transformers' packing is refused with the reason, not run wrong."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_vlms import vlm_case
+
+    vlm_case("qwen2_5_vl").model.config.save_pretrained(tmp_path / "vl")
+    argv = ["--model", str(tmp_path / "vl"), "--random-init", "--modes", "padding,hf-packing,seqpack-eager"]
+    code, out, err = _main(
+        [*argv, "--steps", "1", "--warmup", "0", "--batch-size", "3", "--json", str(tmp_path / "r.json")]
+    )
+    assert "one synthetic image per example" in err
+    assert "mode 'hf-packing' collates no images" in out
+    records = {r["mode"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert records["padding"]["model"].endswith(" + images") and records["seqpack-eager"]["error"] is None
+    assert (
+        abs(records["seqpack-eager"]["first_loss"] - records["padding"]["first_loss"])
+        <= 1e-4 * records["padding"]["first_loss"]
+    )
+    assert code == cli.EXIT_MODE_FAILED  # the refused mode is a failed row

@@ -163,3 +163,22 @@ def test_router_loss_fused_only_when_not_asked_for(asked):
     assert want.keys() == got.keys()
     for name, grad in want.items():
         assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_router_loss_asked_for_in_a_multimodal_text_config_is_kept():
+    """A multimodal MoE forward (Qwen3-VL-MoE) reads ``output_router_logits`` from its text
+    config: set there, the model's own loss runs, aux loss included (adversarial review)."""
+    import copy
+
+    from tiny_vlms import vlm_case
+
+    case = vlm_case("qwen3_vl_moe")
+    reference = case.model.train()
+    reference.config.get_text_config().output_router_logits = True
+    reference.config.get_text_config().router_aux_loss_coef = 0.5  # so a dropped aux loss shows
+    patched = patch(copy.deepcopy(reference), compile=False)
+    text = {k: v for k, v in case.batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    ref, out = reference(**text), patched(**text)
+    assert out.logits is not None and out.aux_loss is not None
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)

@@ -263,13 +263,13 @@ class _VarlenWithSinks(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16 inputs
         keep = torch.sigmoid(lse.to(acc) - sinks.to(acc)[:, None]).t().unsqueeze(-1)  # (T, Hq, 1)
         out = (out.to(acc) * keep).to(q.dtype)
-        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, rng, keep)
+        ctx.save_for_backward(q, k, v, sinks, cu_seqlens, out, lse, rng, keep)
         ctx.args = (max_seqlen, causal, scale, [left, right], sinks.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, cu_seqlens, out, lse, rng, keep = ctx.saved_tensors
+        q, k, v, sinks, cu_seqlens, out, lse, rng, keep = ctx.saved_tensors
         max_seqlen, causal, scale, window, sink_dtype = ctx.args
         grad = grad.contiguous()
         _, backward_op = _varlen_ops()
@@ -278,7 +278,9 @@ class _VarlenWithSinks(torch.autograd.Function):
             max_seqlen, max_seqlen, causal, rng, scale=scale, window_size=window,
         )  # fmt: skip
         dot = (grad.to(keep.dtype) * out.to(keep.dtype)).sum(-1)  # (T, Hq)
-        dsinks = -((1 - keep[..., 0]) * dot).sum(0)  # (Hq,)
+        # 1 - w, as sigmoid(sink - lse): no cancellation where the sink is far below lse
+        drop = torch.sigmoid(sinks.to(keep.dtype)[:, None] - lse.to(keep.dtype)).t()  # (T, Hq)
+        dsinks = -(drop * dot).sum(0)  # (Hq,)
         return dq, dk, dv, dsinks.to(sink_dtype), None, None, None, None, None
 
 
