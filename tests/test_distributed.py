@@ -212,7 +212,7 @@ def _train(rank: int, mode: str, checkpointing: bool, patched: bool = True, mixe
             getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         )
         enable()
-        assert model.is_gradient_checkpointing
+        assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     packed = []
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: packed.append(a[0].shape[0] == 1))
     if mode == "ddp":

@@ -15,6 +15,7 @@ leaves out, so the two are not comparable term for term (test_core.py covers lef
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -234,9 +235,17 @@ def _hf_trainer_run(model, tmp_path, *, patch_it, **overrides):
     return _logged(trainer, "loss", "grad_norm"), trainer
 
 
+# The Trainer's checkpointing switch by the name this transformers has (5.24 renamed it).
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [dict(gradient_accumulation_steps=2), dict(gradient_checkpointing=True)],
+    [dict(gradient_accumulation_steps=2), {_CHECKPOINTING: True}],
     ids=["grad_accumulation", "grad_checkpointing"],
 )
 def test_hf_trainer(tmp_path, overrides):
