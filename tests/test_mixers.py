@@ -21,7 +21,9 @@ from transformers import DataCollatorWithFlattening
 from seqpack import UnsupportedModelError, mixers, patch, unpatch
 from seqpack import compile as compiling
 
-HYBRIDS = ["qwen3_5_text", "lfm2", "jamba"]
+# mamba2: no attention, and its head calls the backbone with named arguments only, so the
+# metadata reaches its mixers by handover from the packed forward (mixers.PackedRows).
+HYBRIDS = ["qwen3_5_text", "lfm2", "jamba", "mamba2"]
 LENGTHS = [11, 5, 16, 1]
 
 
@@ -104,8 +106,21 @@ def test_compiled_layers_over_many_batch_shapes(monkeypatch, model_type):
         for name, grad in grads(model).items():
             assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
         graphs.append(counters["stats"]["unique_graphs"])
+    if model_type == "mamba2":  # every layer hands its mixers the metadata: eager by design
+        assert graphs[-1] == 0 and mixers.eager_layers(_wrapped(model)) == {
+            id(x) for x in model.backbone.layers
+        }
+        return
     assert graphs[0] >= 1, "nothing was compiled"
     assert graphs[-1] == graphs[2], f"batch shapes after the warm-up recompiled: {graphs}"
+
+
+def _wrapped(model):
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m.__dict__.get("forward"), (mixers.MixerForward, mixers.LayerForward))
+    ]
 
 
 def test_unpatch_and_deepcopy():
@@ -130,10 +145,21 @@ def test_unpatch_and_deepcopy():
         )
 
 
-def test_a_mixer_that_gets_no_metadata_is_refused():
-    """Mamba2's head calls its backbone without **kwargs: nothing could reach the mixers."""
-    with pytest.raises(UnsupportedModelError, match=r"'mamba2'.*calls self.backbone without \*\*kwargs"):
-        patch(_model("mamba2"))
+def test_a_mixer_that_gets_no_metadata_raises():
+    """A mixer reached by neither kwargs nor handover in a packed forward raises, never runs on
+    the packed row as one sequence."""
+    model = patch(_model("mamba2"), compile=False)
+    ids, mask, _ = padded_batch(LENGTHS, max(LENGTHS), vocab=model.config.vocab_size)
+    for layer in model.backbone.layers:  # drop the handover: the mixers now get nothing
+        del layer.forward
+    with pytest.raises(RuntimeError, match="was called without the packing metadata"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_layer_stack_that_drops_the_kwargs_with_no_mixer_found_is_refused():
+    """xLSTM's blocks are neither attention nor a mixer seqpack can wrap: dropped kwargs refuse it."""
+    with pytest.raises(UnsupportedModelError, match=r"'xlstm'.*without \*\*kwargs"):
+        patch(_model("xlstm"))
 
 
 def test_a_convolution_inside_attention_is_refused():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, mixers
 from . import compile as compiling
 from .loss import linear_cross_entropy
 from .loss import shift_labels as _shift_labels
@@ -515,8 +515,10 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     head = None
     if (targets is not None and module.training and not record.keep_logits) or keep:
         head = _fusable_head(module, call.get("output_router_logits"))
+    mixers.wrap_replays(record.mixers)  # before any layer runs (gradient checkpointing)
     with (
         attention.PackedForward(),
+        mixers.PackedRows(meta.cu_seqlens, meta.max_seqlen),
         _NamedSeqpack(record),
         _NeftuneScale(module, meta),
         compiling.memory_budget(record.memory_budget),

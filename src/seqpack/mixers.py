@@ -27,6 +27,26 @@ from torch import nn
 from .attention import packing
 from .packing import from_rows, row_layout, to_rows
 
+_rows_stack: list = []  # (cu_seqlens, max_seqlen) of each packed forward running, innermost last
+
+
+class PackedRows:
+    """Context of one packed forward: its packing metadata, for a model that drops the kwargs on
+    the way down (Mamba-2's head calls its backbone with named arguments only). The layers whose
+    mixers get the metadata by handover (LayerForward) read it from here when their own kwargs
+    lack it, at call time: a gradient-checkpoint replay captured it then, so the backward, which
+    runs after this context is gone, replays packed too."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int):
+        self.rows = (cu_seqlens, max_seqlen)
+
+    def __enter__(self):
+        _rows_stack.append(self.rows)
+
+    def __exit__(self, *exc):
+        _rows_stack.pop()
+
+
 _PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "position_ids")
 _ROWS = "_seqpack_rows"  # on a mixer whose layer drops kwargs: (cu_seqlens, max_seqlen) of this call
 
@@ -65,14 +85,25 @@ def _original(module: nn.Module, previous):
 
 @torch.compiler.disable
 def _layer_call(forward: LayerForward, args, kwargs):
-    layer = forward.layer
-    replay = layer.__dict__.get("_gradient_checkpointing_func")
-    if replay is not None and not isinstance(replay, _HandoverReplay):
-        # transformers >= 5.24 checkpoints the class's own forward, not this one: the replay in the
-        # backward must hand the metadata over again, so the checkpoint function does it too.
-        layer._gradient_checkpointing_func = _HandoverReplay(replay, forward.mixers)
+    wrap_replays([forward.layer])
     with _Handover(forward.mixers, kwargs):
-        return _original(layer, forward.previous)(*args, **kwargs)
+        return _original(forward.layer, forward.previous)(*args, **kwargs)
+
+
+def wrap_replays(modules) -> None:
+    """Make the gradient-checkpoint function of each handover layer hand the metadata over in its
+    replay (the backward re-runs the layer after the packed forward is gone). transformers >= 5.24
+    checkpoints the class's own forward, not LayerForward; 5.17 reads the function before the
+    layer's forward runs, so the packed forward calls this for its layers before running them."""
+    for layer in modules:
+        forward = layer.__dict__.get("forward")
+        replay = layer.__dict__.get("_gradient_checkpointing_func")
+        if (
+            isinstance(forward, LayerForward)
+            and replay is not None
+            and not isinstance(replay, _HandoverReplay)
+        ):
+            layer._gradient_checkpointing_func = _HandoverReplay(replay, forward.mixers)
 
 
 class _Handover:
@@ -81,15 +112,23 @@ class _Handover:
     def __init__(self, mixers: list[nn.Module], kwargs: dict):
         self.mixers = mixers
         cu_seqlens = kwargs.get("cu_seq_lens_q")
-        self.rows = (cu_seqlens, kwargs.get("max_length_q")) if cu_seqlens is not None else None
+        if cu_seqlens is not None:
+            self.rows = (cu_seqlens, kwargs.get("max_length_q"))
+        else:  # the kwargs were dropped above the layer: the packed forward's own (PackedRows)
+            self.rows = _rows_stack[-1] if _rows_stack and packing() else None
+
+    # No metadata here (a checkpoint replay in the backward, inside the _HandoverReplay that
+    # captured it in the forward): leave the outer handover's in place.
 
     def __enter__(self):
-        for mixer in self.mixers:
-            mixer.__dict__[_ROWS] = self.rows
+        if self.rows is not None:
+            for mixer in self.mixers:
+                mixer.__dict__[_ROWS] = self.rows
 
     def __exit__(self, *exc):
-        for mixer in self.mixers:
-            mixer.__dict__.pop(_ROWS, None)
+        if self.rows is not None:
+            for mixer in self.mixers:
+                mixer.__dict__.pop(_ROWS, None)
 
 
 class _HandoverReplay:
@@ -101,9 +140,10 @@ class _HandoverReplay:
 
     def __call__(self, function, *args, **kwargs):
         given = getattr(function, "keywords", None) or {}  # partial(forward, self, **layer kwargs)
+        handover = _Handover(self.mixers, given)  # the metadata now, in the forward, for the replay
 
         def replayable(*a, **k):
-            with _Handover(self.mixers, given):
+            with handover:
                 return function(*a, **k)
 
         return self.checkpoint(replayable, *args, **kwargs)
@@ -170,11 +210,13 @@ def _mixer_call(forward: MixerForward, args, kwargs):
     return tuple(packed(v) for v in out) if isinstance(out, tuple) else packed(out)
 
 
-def wrap_mixers(mixers) -> list[nn.Module]:
+def wrap_mixers(mixers, handover_all: bool = False) -> list[nn.Module]:
     """Give each mixer its MixerForward, and each layer that drops kwargs its LayerForward.
 
     Args:
         mixers: (decoder layer, mixer module, whether the layer passes **kwargs to it) triples.
+        handover_all: every layer hands the metadata over (the model drops the kwargs above its
+            layers, so none of them gets it through its own kwargs).
     Returns:
         The modules whose forward was replaced, for ``unwrap``; the eager layers among them are
         the LayerForward ones (``eager_layers``).
@@ -183,7 +225,7 @@ def wrap_mixers(mixers) -> list[nn.Module]:
     for layer, mixer, passes_kwargs in mixers:
         mixer.forward = MixerForward(mixer, mixer.__dict__.get("forward"))
         wrapped.append(mixer)
-        if not passes_kwargs:
+        if handover_all or not passes_kwargs:
             handovers.setdefault(id(layer), (layer, []))[1].append(mixer)
     for layer, layer_mixers in handovers.values():
         layer.forward = LayerForward(layer, layer.__dict__.get("forward"), layer_mixers)

@@ -230,7 +230,8 @@ def patch(
     record.mask_key = config_key(record.configs)
     if patterns is not None:
         record.mask_inputs = _mask_inputs(base, layers, patterns)
-    record.mixers = mixers.wrap_mixers(sequence_mixers(layers))
+    # A model of mixers only gets the metadata to them by handover, whatever its kwargs do.
+    record.mixers = mixers.wrap_mixers(sequence_mixers(layers), handover_all=not record.attention_modules)
     if compile:
         if not compiling.can_compile():
             raise RuntimeError("compile=True needs torch.compile; pass compile=False.")

@@ -294,7 +294,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     mixers = sequence_mixers(layers)
     if isinstance(mixers, str):
         return mixers
-    dropped = _drops_kwargs(base, layers)
+    # No attention, only sequence mixers (Mamba, Mamba-2): the metadata reaches the mixers by
+    # handover from the packed forward (mixers.PackedRows), so dropped kwargs do not matter.
+    handover = not attn_modules and bool(mixers)
+    dropped = None if handover else _drops_kwargs(base, layers)
     if dropped:
         return f"{dropped}, so the packing metadata cannot reach attention or the sequence mixers"
     for module in base.modules():
@@ -311,6 +314,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return (
             f"{type(base).__name__}.forward takes no position_ids, so positions cannot restart per sequence"
         )
+    if handover:
+        return None
     if not _takes_var_kwargs(forward):
         return (
             f"{type(base).__name__}.forward takes no **kwargs, so the packing metadata cannot reach attention"
