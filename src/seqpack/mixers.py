@@ -61,6 +61,7 @@ class MixerForward:
     def __init__(self, module: nn.Module, previous):
         self.module = module
         self.previous = previous  # an instance forward that was there before, or None
+        self.last_packed = False  # whether its last call outside a backward ran packed
 
     def __call__(self, *args, **kwargs):
         return _mixer_call(self, args, kwargs)
@@ -166,11 +167,24 @@ def _mixer_call(forward: MixerForward, args, kwargs):
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seqlens is None and module.__dict__.get(_ROWS) is not None:
         cu_seqlens, max_seqlen = module.__dict__[_ROWS]
+    in_backward = torch._C._current_graph_task_id() != -1  # a checkpoint replay runs in the backward
+    if not in_backward:
+        forward.last_packed = cu_seqlens is not None
     if cu_seqlens is None:
         if packing():
             raise RuntimeError(
                 f"seqpack: {type(module).__name__} was called without the packing metadata: this model "
                 "does not hand its layers' kwargs on, so it cannot be packed. Call seqpack.unpatch(model)."
+            )
+        if in_backward and forward.last_packed:
+            # A replay of a packed call that lost its metadata: activation checkpointing applied
+            # from outside the model (torch's checkpoint_wrapper, FSDP's or accelerate's
+            # activation_checkpointing) around a layer whose metadata came by handover.
+            raise RuntimeError(
+                f"seqpack: {type(module).__name__} is replayed by an activation checkpoint without the "
+                "packing metadata (a checkpoint_wrapper / FSDP activation_checkpointing around this "
+                "model's layers). Turn checkpointing on with the model's own "
+                "gradient_checkpointing_enable() (the Trainer's gradient_checkpointing=True) instead."
             )
         return original(*args, **kwargs)  # an unpacked call (generation, a passed-through forward)
     signature = _signature(type(module))
