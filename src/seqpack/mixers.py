@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 
 import torch
 from torch import nn
@@ -27,7 +28,16 @@ from torch import nn
 from .attention import packing
 from .packing import from_rows, row_layout, to_rows
 
-_rows_stack: list = []  # (cu_seqlens, max_seqlen) of each packed forward running, innermost last
+
+class _Rows(threading.local):
+    """(cu_seqlens, max_seqlen) of each packed forward running in this thread, innermost last:
+    per thread, so two models training in two threads never read each other's."""
+
+    def __init__(self):
+        self.stack: list = []
+
+
+_rows = _Rows()
 
 
 class PackedRows:
@@ -41,10 +51,10 @@ class PackedRows:
         self.rows = (cu_seqlens, max_seqlen)
 
     def __enter__(self):
-        _rows_stack.append(self.rows)
+        _rows.stack.append(self.rows)
 
     def __exit__(self, *exc):
-        _rows_stack.pop()
+        _rows.stack.pop()
 
 
 _PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "position_ids")
@@ -116,7 +126,7 @@ class _Handover:
         if cu_seqlens is not None:
             self.rows = (cu_seqlens, kwargs.get("max_length_q"))
         else:  # the kwargs were dropped above the layer: the packed forward's own (PackedRows)
-            self.rows = _rows_stack[-1] if _rows_stack and packing() else None
+            self.rows = _rows.stack[-1] if _rows.stack else None
 
     # No metadata here (a checkpoint replay in the backward, inside the _HandoverReplay that
     # captured it in the forward): leave the outer handover's in place.
