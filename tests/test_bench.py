@@ -66,6 +66,18 @@ RECORD_KEYS = {
 }
 
 
+def _tiny_model():
+    """The tiny preset as every mode builds it (seed 0, fp32, CPU), unpatched."""
+    return presets.load_model(
+        "tiny",
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=0,
+        random_init=False,
+    )
+
+
 def _main(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -702,14 +714,7 @@ def test_rl_data_runs_end_to_end_with_the_loss_on_completions(tmp_path):
         assert r["real_tokens"] == sum(map(len, batch))  # every input token counts, prompts included
         assert r["stalled_steps"] == 0  # one timed step is its own median
     # The unpatched model's mean cross-entropy over the completions' targets only, by hand.
-    model = presets.load_model(
-        "tiny",
-        attn_implementation="sdpa",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        seed=0,
-        random_init=False,
-    )
+    model = _tiny_model()
     inputs = modes.pad_batch(batch, 0)
     with torch.no_grad():
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -745,14 +750,7 @@ def test_a_token_budget_on_one_process_keeps_the_table():
 
 def _global_first_loss(plan: list) -> float:
     """The unpatched model's loss on the first step's batches of every rank, as one padded batch."""
-    model = presets.load_model(
-        "tiny",
-        attn_implementation="sdpa",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        seed=0,
-        random_init=False,
-    )
+    model = _tiny_model()
     with torch.no_grad():
         return float(model(**modes.pad_batch([e for batch in plan[0] for e in batch], 0)).loss)
 

@@ -610,8 +610,7 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Lin
     if not _computes_causal_lm_loss(model):
         return None  # a loss function set on the model (label smoothing, say), or another loss_type
     if router_logits is None:  # the config's: a multimodal model's forward reads its text config's
-        config = getattr(model, "config", None)
-        configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+        configs = (getattr(model, "config", None), _text_config(model))
         router_logits = any(getattr(c, "output_router_logits", False) for c in configs)
     if router_logits and router_loss_gated(type(model)):
         return None  # the model adds its load-balancing loss: its own loss, unfused

@@ -96,7 +96,7 @@ def _original(module: nn.Module, previous):
 
 @torch.compiler.disable
 def _layer_call(forward: LayerForward, args, kwargs):
-    wrap_replays([forward.layer])
+    # Its checkpoint function was wrapped by the packed forward (wrap_replays) before it ran.
     with _Handover(forward.mixers, kwargs):
         return _original(forward.layer, forward.previous)(*args, **kwargs)
 
