@@ -31,6 +31,12 @@ for part in $parts; do
     # issue 14: a VLM with one synthetic image per example (bench/media.py), vision tower whole
     vlm) bench qwen2.5-vl-7b_l4_b8 110 --model qwen2.5-vl-7b --layers 4 --batch-size 8 --steps 5 --warmup 2 --modes padding-no-cudnn,seqpack ;;
     gemma2) bench gemma-2-2b_b16_explain 200 --model gemma-2-2b --batch-size 16 --modes seqpack --explain ;;
+    # issue 15, all three modes on long data (synthetic log-normal lengths over GSM8K text, cut at 8,192)
+    long3) bench llama-3.2-1b_long_b4_3modes 200 --model llama-3.2-1b --data long --batch-size 4 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    mistral_long) bench mistral-7b_long_b2 250 --model mistral-7b --data long --batch-size 2 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 11 with flash-linear-attention installed (its Gated DeltaNet kernels; no causal-conv1d):
+    # run with the fla wheels on PYTHONPATH (see BENCHMARKS.md)
+    qwen35fla) bench qwen3.5-4b_b8_fla 200 --model qwen3.5-4b --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
     *) echo "unknown part $part" ;;
     esac
 done

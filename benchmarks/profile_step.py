@@ -30,10 +30,97 @@ def _batches(args):
     else:
         data = load_default()
     batches = make_batches(
-        data, batch_size=args.batch_size, num_batches=args.warmup + args.steps, seed=0, max_length=args.max_length
+        data,
+        batch_size=args.batch_size,
+        num_batches=args.warmup + args.steps,
+        seed=0,
+        max_length=args.max_length,
     )
     vocab = vocab_size(args.model)
     return [[[t % vocab for t in e] for e in b] for b in batches]
+
+
+SYNCS = (
+    "cudaMemcpyAsync",
+    "cudaStreamSynchronize",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::item",
+)
+
+
+def _print_syncs(prof, steps: int) -> None:
+    """Where the host waits on the device (or copies to it), by the Python frames above, per step."""
+    import collections
+
+    count, spent = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.name not in SYNCS:
+            continue
+        frames, parent = [], e.cpu_parent
+        while parent is not None and len(frames) < 10:
+            if ".py(" in parent.name:  # a Python frame (with_stack): "file.py(line): function"
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        key = (e.name, tuple(frames))
+        count[key] += 1
+        spent[key] += e.cpu_time_total
+    print("host syncs and copies per step, by Python stack:")
+    for key, n in count.most_common(15):
+        print(f"  {n / steps:6.1f} x {key[0]}  ({spent[key] / 1e3 / steps:.2f} ms)")
+        for frame in key[1]:
+            print(f"        {frame}")
+
+
+def _profile_mode(args, mode, batches, device, sync) -> None:
+    name = mode.name
+    options = bench_modes.ModeOptions(device=device)
+    model = load_model(
+        args.model,
+        attn_implementation=mode.attn_implementation(options),
+        dtype=torch.bfloat16,
+        device=device,
+        seed=0,
+        random_init=True,
+        layers=args.layers,
+    )
+    model = mode.prepare(model, options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    inputs = [
+        {k: v.to(device) if torch.is_tensor(v) else v for k, v in mode.collate(b, 0).items()} for b in batches
+    ]
+
+    def step(x):
+        with mode.step_context():
+            model(**x, use_cache=False).loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for x in inputs[: args.warmup]:
+        step(x)
+    sync()
+    warm = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, with_stack=args.stacks) as prof:
+        t0 = time.perf_counter()
+        for x in inputs[args.warmup :]:
+            step(x)
+        sync()
+        wall = (time.perf_counter() - t0) / args.steps
+    events = prof.key_averages()
+    # kernels only: an operator's self device time repeats its kernels' time
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 / args.steps
+    real = sum(len(e) for b in batches[args.warmup :] for e in b) / args.steps
+    print(
+        f"\n===== {args.model} layers={args.layers} b{args.batch_size} {name}: warm-up {warm:.1f}s, "
+        f"step wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms, {real / wall:,.0f} real tok/s"
+    )
+    print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.stacks:
+        _print_syncs(prof, args.steps)
 
 
 def main() -> None:
@@ -48,51 +135,13 @@ def main() -> None:
     p.add_argument("--data", default="gsm8k", choices=["gsm8k", "long"])
     p.add_argument("--max-length", type=int)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--stacks", action="store_true", help="print the Python stacks of host syncs")
     args = p.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     batches = _batches(args)
     for name in args.modes.split(","):
-        mode = bench_modes.MODES[name]
-        options = bench_modes.ModeOptions(device=device)
-        model = load_model(
-            args.model,
-            attn_implementation=mode.attn_implementation(options),
-            dtype=torch.bfloat16,
-            device=device,
-            seed=0,
-            random_init=True,
-            layers=args.layers,
-        )
-        model = mode.prepare(model, options)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-        inputs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mode.collate(b, 0).items()} for b in batches]
-
-        def step(x):
-            with mode.step_context():
-                model(**x, use_cache=False).loss.backward()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-
-        t0 = time.perf_counter()
-        for x in inputs[: args.warmup]:
-            step(x)
-        sync()
-        warm = time.perf_counter() - t0
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for x in inputs[args.warmup :]:
-                step(x)
-            sync()
-            wall = (time.perf_counter() - t0) / args.steps
-        events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1e6 / args.steps
-        real = sum(len(e) for b in batches[args.warmup :] for e in b) / args.steps
-        print(f"\n===== {args.model} layers={args.layers} b{args.batch_size} {name}: warm-up {warm:.1f}s, "
-              f"step wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms, {real / wall:,.0f} real tok/s")
-        print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-        del model, optimizer, inputs
+        _profile_mode(args, bench_modes.MODES[name], batches, device, sync)
         torch.cuda.empty_cache()
 
 

@@ -903,3 +903,37 @@ def test_a_vision_language_model_trains_with_images(tmp_path):
         <= 1e-4 * records["padding"]["first_loss"]
     )
     assert code == cli.EXIT_MODE_FAILED  # the refused mode is a failed row
+
+
+@pytest.mark.parametrize(
+    "installed, exact",
+    [((), False), (("fla",), False), (("causal_conv1d",), False), (("fla", "causal_conv1d"), True)],
+)
+def test_hf_packing_of_a_hybrid_is_marked_not_exact_without_its_kernels(monkeypatch, installed, exact):
+    """transformers' packing leaks across sequences through any mixer fallback left (#46093)."""
+    import importlib.util
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("qwen3_5_text")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            object()
+            if name in installed
+            else None
+            if name in ("fla", "causal_conv1d", "mamba_ssm")
+            else real(name, *a)
+        ),
+    )
+    label = modes._describe_hf_packing(model, modes.ModeOptions(device=torch.device("cpu")))
+    assert ("NOT EXACT" not in label) == exact, label
+    if not exact:
+        assert "GatedDeltaNet leaks across sequences" in label
+        assert ("causal-conv1d" in label) == ("causal_conv1d" not in installed), label
+    assert "NOT EXACT" not in modes._describe_hf_packing(
+        _tiny_model(), modes.ModeOptions(device=torch.device("cpu"))
+    )

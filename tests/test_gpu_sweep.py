@@ -208,12 +208,16 @@ def _worst_tensor(patched: dict, unpatched: dict, truth: dict, names: list[str])
 
 
 def _attention_parameters(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters inside attention modules (a class name containing "Attention")."""
-    names = set()
-    for prefix, module in model.named_modules():
-        if "Attention" in type(module).__name__:
-            names |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()}
-    return names
+    """Names of the parameters inside the modules that mix tokens: attention modules (a class name
+    containing "Attention"), or in a model without attention (Mamba), its sequence mixers."""
+    for kind in ("Attention", "Mixer"):
+        names = set()
+        for prefix, module in model.named_modules():
+            if kind in type(module).__name__:
+                names |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()}
+        if names:
+            return names
+    return set()
 
 
 def is_routed(model: torch.nn.Module) -> bool:
@@ -281,7 +285,7 @@ def _train_comparisons(fp32, base, patched, batch: Batch) -> tuple[dict[str, Com
         return torch.cat([g.get(n, torch.zeros_like(truth[n])).flatten() for n in truth])
 
     attention = [n for n in names if n in _attention_parameters(fp32)]
-    assert attention, "no attention parameter has a gradient"
+    assert attention, "no attention (or mixer) parameter has a gradient"
     checks = {
         "loss": _compare(loss, base_loss, truth_loss, FLOORS["loss"]),
         "grads": _compare(flat(grads), flat(base_grads), flat(truth)),

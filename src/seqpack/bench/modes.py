@@ -154,9 +154,17 @@ def _describe_hf_packing(model: torch.nn.Module, options: ModeOptions) -> str:
     depth = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     layers = support._decoder_layers(support._base_model(model), depth)
     mixers = support.sequence_mixers(layers) if layers is not None else []
-    kernels = [m for m in ("fla", "causal_conv1d", "mamba_ssm") if importlib.util.find_spec(m) is not None]
-    if isinstance(mixers, list) and mixers and not kernels:
-        return f"{name}; NOT EXACT: {type(mixers[0][1]).__name__} leaks across sequences"
+    if not (isinstance(mixers, list) and mixers):
+        return name
+    # The short convolutions of every family read the packing only in causal-conv1d's kernel; the
+    # scans, only in flash-linear-attention's (Gated DeltaNet) or mamba-ssm's (Mamba). Any one
+    # of them missing leaves a PyTorch fallback that runs across the sequences' boundaries.
+    has = {m: importlib.util.find_spec(m) is not None for m in ("fla", "causal_conv1d", "mamba_ssm")}
+    missing = [] if has["causal_conv1d"] else ["causal-conv1d"]
+    if not (has["fla"] or has["mamba_ssm"]):
+        missing.append("flash-linear-attention / mamba-ssm")
+    if missing:
+        return f"{name}; NOT EXACT: {type(mixers[0][1]).__name__} leaks across sequences (no {', '.join(missing)})"
     return name
 
 
