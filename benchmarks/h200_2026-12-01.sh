@@ -37,6 +37,24 @@ for part in $parts; do
     # issue 11 with flash-linear-attention installed (its Gated DeltaNet kernels; no causal-conv1d):
     # run with the fla wheels on PYTHONPATH (see BENCHMARKS.md)
     qwen35fla) bench qwen3.5-4b_b8_fla 200 --model qwen3.5-4b --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 15: what stalls mistral-7b's long-data step 18 (866 tokens, after 18 longer batches):
+    # recompiles / allocator retries (--explain), then a profile of that step alone
+    stall)
+        TORCH_LOGS=recompiles bench mistral-7b_long_b2_explain 120 --model mistral-7b --data long --batch-size 2 --modes seqpack --explain
+        timeout 120 python benchmarks/profile_step.py --model mistral-7b --data long --batch-size 2 --modes seqpack \
+            --warmup 18 --steps 1 --rows 30 --stacks >"$out/profile_mistral-7b_long_step18.txt" 2>&1
+        grep -E "=====|x cuda|x aten" "$out/profile_mistral-7b_long_step18.txt" | head -20 ;;
+    # issue 11: where a Qwen3.5 step's host time goes (the host syncs by stack)
+    qwen35prof)
+        timeout 120 python benchmarks/profile_step.py --model qwen3.5-4b --layers 8 --batch-size 8 \
+            --modes padding-no-cudnn,seqpack --rows 40 --stacks >"$out/profile_qwen3.5-4b_l8_b8.txt" 2>&1
+        grep -E "=====|x cuda|x aten" "$out/profile_qwen3.5-4b_l8_b8.txt" | head -30 ;;
+    # issue 15: memory per token against sequence length, and the longest sequence on 80 GB
+    memslope)
+        timeout 230 python benchmarks/memory_slope.py --device cuda --time-limit 200 --lengths 8192,16384,32768 \
+            --models llama-3.2-1b,mistral-7b,qwen3-8b,gemma-3-4b,qwen2.5-vl-7b,qwen3.5-4b,nemotron-h-8b \
+            --json "$out/memory_slope.json" >"$out/memory_slope.log" 2>&1
+        tail -30 "$out/memory_slope.log" ;;
     *) echo "unknown part $part" ;;
     esac
 done

@@ -332,6 +332,14 @@ def _compile_summary(model: str, mode: str) -> str:
     reasons = "; ".join(f"{reason} (x{n})" for reason, n in counters["graph_break"].most_common(3))
     recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
     line = f"  {model} / {mode}: {graphs} graphs, {breaks} graph breaks, {recompiles} recompiles"
+    if torch.cuda.is_available():
+        # A stall's other usual suspect: the caching allocator, out of cached blocks, frees them
+        # all and retries (a device-wide sync). Counts since the process started.
+        stats = torch.cuda.memory_stats()
+        line += (
+            f"; allocator so far: {stats.get('num_alloc_retries', 0)} retries, "
+            f"{stats.get('num_device_alloc', 0)} cudaMalloc, {stats.get('num_device_free', 0)} cudaFree"
+        )
     return line + (f": {reasons}" if reasons else "")
 
 

@@ -398,6 +398,11 @@ class _BusyClock:
 def _setup(model_name: str, mode, options: ModeOptions, batches, cfg: BenchConfig):
     """The mode's model, this rank's inputs, and FSDP2's layers: no collectives in here."""
     _release_memory(cfg.device)
+    # Each mode compiles as a new process would. Every model's decoder layers are called through
+    # one function (transformers' GradientCheckpointingLayer.__call__), whose compiled-code cache
+    # would otherwise fill dynamo's recompile limit (8) after a few models of a --model list,
+    # leaving the later models' layers silently uncompiled.
+    torch._dynamo.reset()
     model = load_model(
         model_name,
         attn_implementation=mode.attn_implementation(options),
