@@ -55,6 +55,7 @@ for part in $parts; do
             --models llama-3.2-1b,mistral-7b,qwen3-8b,gemma-3-4b,qwen2.5-vl-7b,qwen3.5-4b,nemotron-h-8b \
             --json "$out/memory_slope.json" >"$out/memory_slope.log" 2>&1
         tail -30 "$out/memory_slope.log" ;;
+    llama16) bench llama-3.2-1b_b16_nonstrict 100 --model llama-3.2-1b --batch-size 16 --modes seqpack ;;
     *) echo "unknown part $part" ;;
     esac
 done

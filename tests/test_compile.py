@@ -134,3 +134,19 @@ def test_compiled_reference_attention_keeps_softcaps_sinks_and_experts(model_typ
             assert_close(grad, expected[name], rtol=1e-4, atol=1e-5)
         reference.zero_grad()
         patched.zero_grad()
+
+
+def test_inductor_layers_take_no_length_guarded_fusion(monkeypatch):
+    """Inductor's strict mix-order reduction fusion guards on the packed length (1280 <= T <= 8191
+    for mistral-7b on torch 2.11): seqpack compiles with its non-strict mode, which does not."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    compiling.compile_layers([torch.nn.Linear(2, 2)])
+    (kwargs,) = seen
+    assert kwargs["backend"] == compiling.BACKEND == "inductor"
+    from torch._inductor import config as inductor
+
+    if hasattr(inductor.triton, "mix_order_reduction_non_strict_mode"):
+        assert kwargs["options"] == {"triton.mix_order_reduction_non_strict_mode": True}
+        torch.compile(lambda x: x + 1, **compiling._options("inductor"))(torch.ones(2))  # a known option
+    assert compiling._options("aot_eager") == {}

@@ -227,3 +227,26 @@ def test_vlm_with_images_bf16(model_type):
     )
     assert loss_err <= 2 * base_loss_err + 1e-4
     assert grad_err <= 2 * base_grad_err + 1e-6
+
+
+def test_no_recompile_when_the_packed_length_crosses_inductors_thresholds():
+    """One graph for packed lengths on both sides of inductor's strict mix-order-reduction guards
+    (T * H >= 5 Mi, T >= 2 H, T >= 4096): before, a step at T = 866 after longer batches
+    recompiled every layer of mistral-7b (a 6.5 s step)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = AutoConfig.for_model("llama", **{**SHAPE, "hidden_size": 1024, "num_attention_heads": 16})
+    torch.manual_seed(0)
+    model = patch(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().train())
+    for total in (6000, 800, 12000, 3000, 300):  # two sequences a batch
+        lengths = [total // 2, total - total // 2]
+        ids = torch.randint(1, 1024, (2, max(lengths)), device="cuda")
+        mask = (
+            torch.arange(max(lengths), device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]
+        ).long()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        if total == 6000:
+            first = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == first, f"{dict(counters['recompiles'])}"
