@@ -5,7 +5,7 @@ sys.path.insert(0, "tests")
 import seqpack.compile as compiling
 
 compiling._options = lambda backend: {}
-import test_gpu
+import test_gpu  # noqa: E402  (after the option is taken away)
 
 try:
     test_gpu.test_no_recompile_when_the_packed_length_crosses_inductors_thresholds()
