@@ -218,7 +218,7 @@ def format_report(results: list[Result], check: LossCheck, env: Environment, run
             "Warm-up (s)",
             "Step median (s)",
             "Step max (s)",
-            f"Stalls (>{STALL_FACTOR:g}x median s/token)",
+            f"Stalls (>{STALL_FACTOR:g}x time for its tokens)",
             "Held (MB)",
             "Activations (MB)",
             "First loss",
