@@ -189,3 +189,33 @@ def test_router_loss_asked_for_in_a_multimodal_text_config_is_kept():
         return
     assert out.logits is not None and out.aux_loss is not None
     assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0], ids=["uncapped", "capped"])
+def test_a_softcap_gated_on_the_config_fuses_only_when_off(cap):
+    """Gemma 3's forward caps its logits only ``if self.config.final_logit_softcapping is not None``,
+    and its published configs set None: then the head and loss fuse (its 262k-vocabulary logits,
+    3.4 MB a token, were materialised before). A cap set, even after patch, keeps the model's own
+    loss. Both equal the unpatched model's loss and gradients."""
+    import copy
+
+    from tiny_models import build_tiny_model
+
+    reference = build_tiny_model("gemma3_text").train()
+    assert reference.config.final_logit_softcapping is None
+    patched = patch(copy.deepcopy(reference), compile=False)
+    for model in (reference, patched):
+        model.config.final_logit_softcapping = cap
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=reference.config.vocab_size)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert (out.logits is None) == (cap is None)
+    ref.loss.backward()
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    want, got = grads(reference), grads(patched)
+    assert want.keys() == got.keys()
+    for name, grad in want.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert fused_loss_blocker(type(reference), "lm_head") is not None  # the class alone: capped
+    assert fused_loss_blocker(type(reference), "lm_head", uncapped=True) is None

@@ -614,7 +614,9 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Lin
         router_logits = any(getattr(c, "output_router_logits", False) for c in configs)
     if router_logits and router_loss_gated(type(model)):
         return None  # the model adds its load-balancing loss: its own loss, unfused
-    return head if fused_loss_blocker(type(model), name) is None else None
+    configs = [c for c in (getattr(model, "config", None), _text_config(model)) if c is not None]
+    uncapped = all(getattr(c, "final_logit_softcapping", None) is None for c in configs)
+    return head if fused_loss_blocker(type(model), name, uncapped) is None else None
 
 
 def _computes_causal_lm_loss(model: nn.Module) -> bool:

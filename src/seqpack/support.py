@@ -564,6 +564,28 @@ class _WithoutRouterLoss(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
+def _is_softcap_gate(node) -> bool:
+    """``if <...>.final_logit_softcapping is not None: ...`` with no else (Gemma's capped logits;
+    gemma3n spells it with a walrus): a block that never runs when the config's value is None."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.IsNot)
+        and isinstance(test.comparators[0], ast.Constant)
+        and test.comparators[0].value is None
+        and ast.unparse(test.left).rstrip(")").endswith("final_logit_softcapping")
+        and not node.orelse
+    )
+
+
+class _WithoutSoftcap(ast.NodeTransformer):
+    """The forward as it runs with ``final_logit_softcapping=None``: the gated capping gone."""
+
+    def visit_If(self, node):
+        return None if _is_softcap_gate(node) else self.generic_visit(node)
+
+
 @functools.cache
 def router_loss_gated(cls: type) -> bool:
     """Whether ``cls.forward`` adds a router (load-balancing) loss only ``if output_router_logits``:
@@ -573,7 +595,7 @@ def router_loss_gated(cls: type) -> bool:
 
 
 @functools.cache
-def fused_loss_blocker(cls: type, head: str) -> str | None:
+def fused_loss_blocker(cls: type, head: str, uncapped: bool = False) -> str | None:
     """Why ``cls.forward`` is not exactly ``self.loss_function(self.<head>(last hidden state))``.
 
     Read from the forward's source as data flow: ``self.<head>`` is called once, on the backbone's
@@ -583,12 +605,16 @@ def fused_loss_blocker(cls: type, head: str) -> str | None:
     scaled or capped logits, scaled hidden states and extra losses all fail it. None: fusable.
     A router loss gated on ``output_router_logits`` is read as absent (``router_loss_gated``): a
     call that asks for router logits keeps the model's own loss (forward.py checks that).
+    ``uncapped``: the model's ``final_logit_softcapping`` is None, so a capping block gated on it
+    (Gemma 3's) is read as absent too.
     """
     source = _source(cls.forward)
     if not source:
         return "its forward has no readable source"
     if router_loss_gated(cls):  # read as it runs without router logits; the caller checks that
         source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
+    if uncapped:
+        source = ast.unparse(_WithoutSoftcap().visit(ast.parse(source)))
     # the flag itself (a parameter, passed on to the backbone) is no router loss
     words = [w for w in _UNFUSABLE_WORDS if w in source.replace("output_router_logits", "")]
     if words:
