@@ -564,19 +564,30 @@ class _WithoutRouterLoss(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
+# Where a forward reads its logit cap: the model's config or its text config (forward.py checks
+# both are None before such a gate is read as absent). A cap read from anything else stays.
+_CAP_READS = {
+    "self.config.final_logit_softcapping",
+    "self.config.get_text_config().final_logit_softcapping",
+    "self.config.text_config.final_logit_softcapping",
+}
+
+
 def _is_softcap_gate(node) -> bool:
-    """``if <...>.final_logit_softcapping is not None: ...`` with no else (Gemma's capped logits;
-    gemma3n spells it with a walrus): a block that never runs when the config's value is None."""
+    """``if self.config.final_logit_softcapping is not None: ...`` with no else (Gemma's capped
+    logits; gemma3n reads it through a walrus): a block that never runs when that value is None."""
     test = node.test if isinstance(node, ast.If) else None
-    return (
+    if not (
         isinstance(test, ast.Compare)
         and len(test.ops) == 1
         and isinstance(test.ops[0], ast.IsNot)
         and isinstance(test.comparators[0], ast.Constant)
         and test.comparators[0].value is None
-        and ast.unparse(test.left).rstrip(")").endswith("final_logit_softcapping")
         and not node.orelse
-    )
+    ):
+        return False
+    read = test.left.value if isinstance(test.left, ast.NamedExpr) else test.left
+    return ast.unparse(read) in _CAP_READS
 
 
 class _WithoutSoftcap(ast.NodeTransformer):
