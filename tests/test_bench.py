@@ -481,6 +481,7 @@ def test_memory_budget_reaches_patch_and_explain_counts_graphs(monkeypatch):
     assert code == 0
     assert seen["memory_budget"] == 0.5
     assert "torch.compile per mode" in out and "tiny / seqpack:" in out and "graph breaks" in out
+    assert "(0 in the timed steps)" in out  # compile is off here: nothing compiles at all
 
 
 def test_padding_without_cudnn_runs_every_step_with_cudnn_attention_off(monkeypatch, tmp_path):
@@ -690,6 +691,7 @@ def test_the_real_run_records_its_stalls(tiny_run):
             "m", r["mode"], step_times_s=r["step_times_s"], rank_real_tokens=r["rank_real_tokens"]
         )
         assert r["stalled_steps"] == run.count_stalls(again)
+        assert r["graphs_in_timed_steps"] == 0, r["mode"]  # seqpack's layers: one graph, from warm-up
 
 
 def test_long_and_rl_data_default_to_more_steps_on_gpu(monkeypatch):

@@ -324,14 +324,17 @@ def _list() -> str:
     return "\n".join(lines)
 
 
-def _compile_summary(model: str, mode: str) -> str:
+def _compile_summary(model: str, mode: str, result) -> str:
     """Graphs, recompiles and graph breaks dynamo counted during one mode's run."""
     counters = torch._dynamo.utils.counters
     graphs = counters["stats"].get("unique_graphs", 0)
     breaks = sum(counters["graph_break"].values())
     reasons = "; ".join(f"{reason} (x{n})" for reason, n in counters["graph_break"].most_common(3))
     recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
-    line = f"  {model} / {mode}: {graphs} graphs, {breaks} graph breaks, {recompiles} recompiles"
+    line = (
+        f"  {model} / {mode}: {graphs} graphs ({result.graphs_in_timed_steps} in the timed steps), "
+        f"{breaks} graph breaks, {recompiles} recompiles"
+    )
     if torch.cuda.is_available():
         # A stall's other usual suspect: the caching allocator, out of cached blocks, frees them
         # all and retries (a device-wide sync). Counts since the process started.
@@ -409,7 +412,7 @@ def _run_all(
                 torch._dynamo.utils.counters.clear()
             results.append(run_mode(model, mode, model_plan, cfg))
             if args.explain:
-                explained.append(_compile_summary(model, mode))
+                explained.append(_compile_summary(model, mode, results[-1]))
     return results, explained
 
 

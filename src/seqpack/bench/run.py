@@ -105,6 +105,9 @@ class Result:
     step_time_median_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     stalled_steps: int = 0  # timed steps over STALL_FACTOR x the time their tokens predict
+    # graphs dynamo compiled during the timed steps (a recompile there is a stall; dynamo's own
+    # "recompiles" counter missed inductor's guards on the packed length)
+    graphs_in_timed_steps: int = 0
     tokens_per_s: float = 0.0
     real_tokens: int = 0  # every rank's, in the timed steps
     padded_tokens: int = 0
@@ -428,6 +431,10 @@ def _setup(model_name: str, mode, options: ModeOptions, batches, cfg: BenchConfi
     return model, inputs, layers
 
 
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def _without_grad_sync(ddp_model, inner):
     """A step context: DDP's ``no_sync()`` together with the mode's own."""
 
@@ -521,6 +528,7 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
                     parallel.barrier(cfg.device)  # every rank starts the timed stretch together
                 timed_start = time.perf_counter()
                 result.warmup_time_s = timed_start - warmup_start
+                graphs_before = _graphs()
             if clock is not None:
                 clock.step = i
             if cuda:
@@ -545,6 +553,7 @@ def run_mode(model_name: str, mode_name: str, plan: list[list[list[list[int]]]],
             result.warmup_time_s = end_time - warmup_start
         else:
             result.time_s = end_time - timed_start
+            result.graphs_in_timed_steps = _graphs() - graphs_before
         step_times = [s.elapsed_time(e) / 1e3 for s, e in events] if cuda else events
         busy = []
         if clock is not None:
