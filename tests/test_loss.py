@@ -138,6 +138,18 @@ def test_fusable_chunk_equals_the_eager_chunk(dtype):
     assert grad_fusable[1].abs().sum() == 0 and grad_fusable[6].abs().sum() == 0  # ignored rows
 
 
+def _assert_same_loss_and_grads(reference, patched, ref, out):
+    """The patched output's loss, and every parameter's gradient after backward, equal the
+    unpatched model's."""
+    ref.loss.backward()
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    want, got = grads(reference), grads(patched)
+    assert want.keys() == got.keys()
+    for name, grad in want.items():
+        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("asked", ["no", "call", "config"])
 def test_router_loss_fused_only_when_not_asked_for(asked):
     """Mixture-of-experts forwards add a load-balancing loss only ``if output_router_logits``:
@@ -158,13 +170,7 @@ def test_router_loss_fused_only_when_not_asked_for(asked):
     if asked != "no":
         assert ref.aux_loss is not None and out.aux_loss is not None
         assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
-    ref.loss.backward()
-    out.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    want, got = grads(reference), grads(patched)
-    assert want.keys() == got.keys()
-    for name, grad in want.items():
-        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_same_loss_and_grads(reference, patched, ref, out)
 
 
 def test_router_loss_asked_for_in_a_multimodal_text_config_is_kept():
@@ -210,12 +216,6 @@ def test_a_softcap_gated_on_the_config_fuses_only_when_off(cap):
     ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
     out = patched(input_ids=ids, attention_mask=mask, labels=labels)
     assert (out.logits is None) == (cap is None)
-    ref.loss.backward()
-    out.loss.backward()
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    want, got = grads(reference), grads(patched)
-    assert want.keys() == got.keys()
-    for name, grad in want.items():
-        assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_same_loss_and_grads(reference, patched, ref, out)
     assert fused_loss_blocker(type(reference), "lm_head") is not None  # the class alone: capped
     assert fused_loss_blocker(type(reference), "lm_head", uncapped=True) is None

@@ -609,12 +609,12 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Lin
         return None
     if not _computes_causal_lm_loss(model):
         return None  # a loss function set on the model (label smoothing, say), or another loss_type
-    if router_logits is None:  # the config's: a multimodal model's forward reads its text config's
-        configs = (getattr(model, "config", None), _text_config(model))
+    # A multimodal model's forward reads its text config's flags: both configs are asked.
+    configs = (getattr(model, "config", None), _text_config(model))
+    if router_logits is None:  # the config's
         router_logits = any(getattr(c, "output_router_logits", False) for c in configs)
     if router_logits and router_loss_gated(type(model)):
         return None  # the model adds its load-balancing loss: its own loss, unfused
-    configs = [c for c in (getattr(model, "config", None), _text_config(model)) if c is not None]
     uncapped = all(getattr(c, "final_logit_softcapping", None) is None for c in configs)
     return head if fused_loss_blocker(type(model), name, uncapped) is None else None
 
