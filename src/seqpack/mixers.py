@@ -9,6 +9,11 @@ A causal mixer is exact under right padding: a real token never sees the padding
 the mask zeroes the padding where the mixer applies one. Its cost is the padded batch of the
 mixer layers alone (N * S tokens instead of T); attention, MLPs and the head stay packed.
 
+Where the mixer's kernels are installed and read packing metadata (flash-linear-attention's
+``chunk_gated_delta_rule`` with ``cu_seqlens``, causal-conv1d and mamba-ssm with ``seq_idx``:
+``support.mixer_reads_packing`` reads the model file), the mixer runs on the packed input itself
+instead, handed that metadata, as transformers' own padding-free collator hands it: no rows.
+
 The mixer call is left out of the compiled layers (a graph break, eager by design): the
 fallbacks loop over chunks in Python, which would specialise a compiled graph on every padded
 length. The metadata reaches a mixer through the ``**kwargs`` its decoder layer passes on; a
@@ -26,7 +31,8 @@ import torch
 from torch import nn
 
 from .attention import packing
-from .packing import from_rows, row_layout, to_rows
+from .packing import from_rows, row_layout, sequence_index, to_rows
+from .support import mixer_reads_packing
 
 
 class _Rows(threading.local):
@@ -201,6 +207,8 @@ def _mixer_call(forward: MixerForward, args, kwargs):
     bound = signature.bind_partial(module, *args, **kwargs)
     hidden = bound.arguments[list(signature.parameters)[1]]  # the first after self: (1, T, H)
     total = hidden.shape[1]
+    if mixer_reads_packing(type(module)):
+        return _call_with_metadata(original, signature, bound, cu_seqlens, max_seqlen, total)
     layout = row_layout(cu_seqlens, int(max_seqlen), total)
 
     def rows(value):  # every per-token input (hidden states, residuals, positions) as rows
@@ -232,6 +240,27 @@ def _mixer_call(forward: MixerForward, args, kwargs):
         return value
 
     return tuple(packed(v) for v in out) if isinstance(out, tuple) else packed(out)
+
+
+def _call_with_metadata(original, signature, bound, cu_seqlens, max_seqlen, total):
+    """The mixer on the packed (1, T, H) input itself, its kernels handed the packing metadata in
+    the spellings of transformers' padding-free collator (``DataCollatorWithFlattening``):
+    ``cu_seq_lens_q`` (which the model passes on as the kernels' ``cu_seqlens``) and ``seq_idx``."""
+    metadata = {
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens,
+        "max_length_q": max_seqlen,
+        "max_length_k": max_seqlen,
+        "seq_idx": sequence_index(cu_seqlens, total)[None],  # (1, T) int32
+    }
+    named = {k: metadata.pop(k) for k in list(metadata) if k in signature.parameters}  # seq_idx=...
+    bound.arguments.update(named)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.arguments[name] = {**bound.arguments.get(name, {}), **metadata}
+    if "attention_mask" in bound.arguments:
+        bound.arguments["attention_mask"] = None  # one packed row: no padding to mask
+    return original(*bound.args[1:], **bound.kwargs)
 
 
 def wrap_mixers(mixers, handover_all: bool = False) -> list[nn.Module]:

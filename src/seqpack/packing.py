@@ -223,6 +223,17 @@ class RowLayout(NamedTuple):
     width: int
 
 
+def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int32: which packed sequence each token is in, the ``seq_idx`` of causal-conv1d and mamba-ssm.
+
+    Example:
+        >>> sequence_index(torch.tensor([0, 2, 5]), 5).tolist()
+        [0, 0, 1, 1, 1]
+    """
+    pos = torch.arange(total, device=cu_seqlens.device)  # (T,)
+    return (torch.searchsorted(cu_seqlens.long(), pos, right=True) - 1).int()
+
+
 def row_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> RowLayout:
     """Where each of the T packed tokens goes in a right-padded (N, S) layout, on the device.
 

@@ -176,6 +176,66 @@ def _takes_var_kwargs(fn) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+# --------------------------------------------------------------------------- mixer kernels
+
+
+def _kernel_choice(fn) -> dict | None:
+    """For a function transformers wrapped with ``use_kernel_func_from_hub_with_fallback``, what it
+    resolved to when its model file was imported: ``{"kernel": bool, "params": (name, ...)}``,
+    whether it runs the package's kernel (flash-linear-attention, causal-conv1d, mamba-ssm) or the
+    PyTorch fallback, and the parameters the call is filtered to. None for any other object."""
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or closure is None or "is_new_implementation" not in code.co_freevars:
+        return None
+    cells = dict(zip(code.co_freevars, closure, strict=True))
+    try:
+        return {
+            "kernel": bool(cells["is_new_implementation"].cell_contents),
+            "params": tuple(cells["applicable_params"].cell_contents),
+        }
+    except (KeyError, ValueError):  # an empty cell: a wrapper of another shape
+        return None
+
+
+@functools.cache
+def mixer_reads_packing(cls: type) -> bool:
+    """Whether a sequence mixer keeps packed sequences apart by itself, given the packing metadata.
+
+    True where its forward takes ``**kwargs`` (or ``seq_idx``) and every kernel it calls resolved to the package's
+    kernel (not the PyTorch fallback, which ignores the metadata), and each one it calls outside
+    a cached decode step (``*update*``) accepts the metadata (``cu_seqlens`` or ``seq_idx``) and is
+    handed it at the call site (``cu_seqlens=`` / ``seq_idx=``, or ``**kwargs``). Qwen3.5's Gated
+    DeltaNet with flash-linear-attention and causal-conv1d installed is such a mixer; with either
+    missing it is not, and runs on the rows layout instead (mixers.py).
+    """
+    forward = inspect.unwrap(cls.forward)
+    if not (_takes_var_kwargs(forward) or "seq_idx" in inspect.signature(forward).parameters):
+        return False  # no way in for the metadata
+    try:
+        tree = ast.parse(_source(forward))
+    except SyntaxError:
+        return False
+    names = getattr(forward, "__globals__", {})
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            choice = _kernel_choice(names.get(node.func.id))
+            if choice is not None:
+                calls.append((node, choice))
+    if not calls or not all(choice["kernel"] for _, choice in calls):
+        return False
+    for node, choice in calls:
+        if "update" in node.func.id:  # the one-token step of cached generation, never in training
+            continue
+        given = {k.arg for k in node.keywords}
+        handed = ("cu_seqlens" in given and "cu_seqlens" in choice["params"]) or (
+            ("seq_idx" in given or None in given) and "seq_idx" in choice["params"]
+        )
+        if not handed:
+            return False
+    return True
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     """A causal LM, text-only or one that reads images too (image-text-to-text)."""
     from transformers.models.auto import modeling_auto
