@@ -321,18 +321,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer_worker(rank: int, tmp: str, port: int) -> None:
-    # What torchrun sets; accelerate (inside the Trainer) starts the gloo process group from it.
+def _trainer_worker(rank: int, tmp: str, port: int, fsdp: bool = False) -> None:
+    _torchrun_environment(rank, port)
+    torch.save(_train_with_trainer(tmp, fsdp), f"{tmp}/rank{rank}.pt")
+    _teardown()  # the Trainer, its accelerator and DDP wrapper died with _train_with_trainer's frame
+
+
+def _torchrun_environment(rank: int, port: int) -> None:
+    """What torchrun sets; accelerate (inside the Trainer) starts the gloo process group from it."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    torch.save(_train_with_trainer(tmp), f"{tmp}/rank{rank}.pt")
-    _teardown()  # the Trainer, its accelerator and DDP wrapper died with _train_with_trainer's frame
 
 
-def _train_with_trainer(tmp: str) -> dict:
+def _force_fsdp_on_cpu() -> None:
+    """Let accelerate take its real FSDP path on CPU processes (gloo).
+
+    accelerate (1.15, ``AcceleratorState.__init__``) reads ``fsdp_plugin`` only for GPU-like
+    distributed types; on ``MULTI_CPU`` it drops the plugin and the Trainer trains DDP without a
+    word. Relabelled before the Accelerator is built, the state takes the FSDP branch and keeps
+    the CPU device and the gloo group: everything after it (``fsdp2_prepare_model``: fully_shard
+    of each decoder layer, the activation-checkpoint wrappers, the optimizer's parameter swap) is
+    the code that runs on GPUs.
+    """
+    from accelerate.state import DistributedType, PartialState
+
+    state = PartialState(cpu=True)
+    assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def _compile_quickly(checkpointing: bool) -> None:
+    """compile=True with aot_eager (see _train), floats specialized under checkpointing."""
+    import seqpack.compile
+
+    seqpack.compile.BACKEND = "aot_eager"
+    torch._dynamo.config.specialize_float = checkpointing
+
+
+@torch.no_grad()
+def _whole_weights(model) -> dict:
+    """_snapshot under the names of the unwrapped model (activation-checkpoint wrappers add a level)."""
+    return {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in _snapshot(model).items()}
+
+
+def _train_with_trainer(tmp: str, fsdp: bool = False) -> dict:
     from datasets import Dataset
     from test_frameworks import _args
     from test_sampler import TokenBudgetTrainer, _rows_to_examples, _tokenizer
@@ -340,7 +375,13 @@ def _train_with_trainer(tmp: str) -> dict:
 
     examples = _examples()
     model = tiny_llama()
-    patch(model, compile=False)  # the compiled layers under DDP are test_matches_one_process's
+    if fsdp:
+        # The Trainer's FSDP2 (fsdp plus fsdp_config version 2), with accelerate's activation
+        # checkpointing (torch's checkpoint_wrapper around each decoder layer) and compile=True.
+        _compile_quickly(checkpointing=True)
+        patch(model)
+    else:
+        patch(model, compile=False)  # the compiled layers under DDP are test_matches_one_process's
     seen, counts, packed = [], [], []
 
     def record(module, args, kwargs):
@@ -349,13 +390,28 @@ def _train_with_trainer(tmp: str) -> dict:
 
     model.register_forward_pre_hook(record, with_kwargs=True)
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: packed.append(a[0].shape[0] == 1))
+    sharding = {}
+    if fsdp:
+        layer = type(model.model.layers[0]).__name__
+        sharding = dict(
+            fsdp=True,
+            fsdp_config={
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": [layer],
+                "activation_checkpointing": True,
+            },
+        )
     args = _args(
         tmp_path=f"{tmp}/out",
         max_steps=STEPS,
         gradient_accumulation_steps=ACCUM,
         learning_rate=LR,
         max_grad_norm=0.0,  # no clipping: the reference does not clip
+        **sharding,
     )
+    if fsdp:
+        _ = args.device  # sets up accelerate's state, which the forcing relabels
+        _force_fsdp_on_cpu()
     trainer = TokenBudgetTrainer(
         model=model,
         args=args,
@@ -368,11 +424,19 @@ def _train_with_trainer(tmp: str) -> dict:
         "seen": seen,
         "counts": counts,
         "packed": bool(packed) and all(packed),
-        "weights": _snapshot(model),
+        "weights": _whole_weights(model),
         "distributed": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
+        "sharded": all(hasattr(p, "full_tensor") for p in model.parameters()),
+        "checkpoint_wrapped": any("CheckpointWrapper" in type(m).__name__ for m in model.modules()),
+        "compiled": all(getattr(m, "_compiled_call_impl", None) is not None for m in _layers(model)),
     }
     return result
+
+
+def _layers(model) -> list:
+    """The decoder layers, inside any activation-checkpoint wrapper."""
+    return [getattr(m, "_checkpoint_wrapped_module", m) for m in model.model.layers]
 
 
 def test_trainer_ddp_with_the_sampler(tmp_path, reference):
@@ -382,15 +446,92 @@ def test_trainer_ddp_with_the_sampler(tmp_path, reference):
     pytest.importorskip("datasets")
     _spawn(_trainer_worker, str(tmp_path), _free_port())
     results = _results(tmp_path)
-    plan = _plan()
-    for rank, result in enumerate(results):
+    for result in results:
         assert (
             result["distributed"] == "DistributedType.MULTI_CPU"
             and result["wrapper"] == "DistributedDataParallel"
         )
+    _assert_trainer_matches(results, reference)
+
+
+def _assert_trainer_matches(results, reference) -> None:
+    plan = _plan()
+    for rank, result in enumerate(results):
         assert result["packed"], f"rank {rank}: a batch reached the model unpacked"
         assert result["seen"] == [plan[s][rank] for s in range(STEPS * ACCUM)]
         assert result["counts"] == [c for c in reference["counts"] for _ in range(ACCUM)]
+        assert result["weights"].keys() == reference["weights"].keys()
+        for name, ref in reference["weights"].items():
+            assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+@needs_fsdp2
+def test_trainer_fsdp2_with_checkpointing_and_the_sampler(tmp_path, reference):
+    """The HF Trainer with ``fsdp`` and ``fsdp_config`` version 2 (accelerate's fsdp2_prepare_model:
+    fully_shard of each decoder layer, then the root; its activation checkpointing), the layers
+    compiled by patch before accelerate shards them: the weights equal the one-process reference."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    _spawn(_trainer_worker, str(tmp_path), _free_port(), True)
+    results = _results(tmp_path)
+    for result in results:
+        assert result["distributed"] == "DistributedType.FSDP", result["distributed"]
+        assert result["sharded"], "the parameters are not FSDP2 shards"
+        assert result["checkpoint_wrapped"], "accelerate did not wrap the layers for activation checkpointing"
+        assert result["compiled"], "the decoder layers did not run compiled"
+    _assert_trainer_matches(results, reference)
+
+
+def _accelerate_worker(rank: int, tmp: str, port: int) -> None:
+    _torchrun_environment(rank, port)
+    torch.save(_train_with_accelerate(rank), f"{tmp}/rank{rank}.pt")
+    _teardown()
+
+
+def _train_with_accelerate(rank: int) -> dict:
+    """A plain Accelerate loop with an FSDP2 plugin (transformer-based wrap of the decoder layers)."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+    model = tiny_llama()
+    patch(model, compile=False)  # compiled layers under FSDP2: the Trainer test and test_matches_one_process
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[type(model.model.layers[0]).__name__],
+    )
+    _force_fsdp_on_cpu()
+    accelerator = Accelerator(fsdp_plugin=plugin)
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    plan = _plan()
+    losses = []
+    for step in range(STEPS):
+        micro = _micro_batches(plan, step, rank)
+        count = torch.tensor(num_items([labels for _, _, labels in micro]))
+        dist.all_reduce(count)
+        total = torch.zeros(())
+        for ids, mask, labels in micro:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
+            accelerator.backward(loss * WORLD)  # FSDP2 averages the gradients over the ranks
+            total += loss.detach()
+        dist.all_reduce(total)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(total))
+    return {
+        "losses": losses,
+        "weights": _whole_weights(model),
+        "distributed": str(accelerator.distributed_type),
+        "sharded": all(hasattr(p, "full_tensor") for p in model.parameters()),
+    }
+
+
+@needs_fsdp2
+def test_accelerate_fsdp2_plugin(tmp_path, reference):
+    pytest.importorskip("accelerate")
+    _spawn(_accelerate_worker, str(tmp_path), _free_port())
+    for rank, result in enumerate(_results(tmp_path)):
+        assert result["distributed"] == "DistributedType.FSDP" and result["sharded"], result
+        assert_close(result["losses"], reference["losses"], rtol=1e-4, atol=1e-6, msg=f"rank {rank} losses")
         for name, ref in reference["weights"].items():
             assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
 
