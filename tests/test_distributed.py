@@ -232,7 +232,7 @@ def _train(rank: int, mode: str, checkpointing: bool, patched: bool = True, mixe
     examples = _examples()
     default = TokenBudgetBatchSampler([len(x) for x in examples], max_tokens=MAX_TOKENS, seed=0)
     own = (default.num_replicas, default.rank, list(default)) == (WORLD, rank, [s[rank] for s in plan])
-    losses, counts = [], []
+    losses, counts, fused = [], [], []
     for step in range(STEPS):
         micro = _micro_batches(plan, step, rank)
         local = torch.tensor(num_items([labels for _, _, labels in micro]))
@@ -247,9 +247,9 @@ def _train(rank: int, mode: str, checkpointing: bool, patched: bool = True, mixe
             elif mode == "fsdp2":
                 wrapped.set_requires_gradient_sync(last)
             with sync:
-                loss = wrapped(
-                    input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count
-                ).loss
+                out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count)
+                loss = out.loss
+                fused.append(out.logits is None)  # the fused loss materialises no logits
                 (loss * WORLD).backward()  # the wrappers average gradients over the ranks
             total += loss.detach()
         dist.all_reduce(total)
@@ -263,6 +263,7 @@ def _train(rank: int, mode: str, checkpointing: bool, patched: bool = True, mixe
         "counts": counts,
         "weights": _snapshot(model),
         "packed": bool(packed) and all(packed),
+        "fused": all(fused),
         "own_batches": own,
         "compiled": compiled and counters["stats"]["unique_graphs"] > 0,
         "sharded": mode != "fsdp2" or all(hasattr(p, "full_tensor") for p in model.parameters()),
@@ -309,6 +310,7 @@ def test_matches_one_process(tmp_path, reference, mode, checkpointing):
         assert result["own_batches"], "a sampler with the defaults did not take the process group's rank"
         assert result["compiled"], "the decoder layers did not run compiled"
         assert result["sharded"], "the parameters are not FSDP2 shards"
+        assert result["fused"], "the loss was not fused (lm_head stays in the root FSDP2 group)"
     _assert_matches_reference(results, reference)
 
 
