@@ -61,6 +61,10 @@ def chunk_gated_delta_rule(
     if cu_seqlens is None:  # a padded batch, or generation's prefill (a cache: the final state too)
         return rule(q, k, v, g=g, beta=beta, output_final_state=output_final_state, **args)
     assert q.shape[0] == 1, "cu_seqlens with a batch of more than one row"
+    lengths = cu_seqlens.diff().tolist()
+    assert min(lengths) > 0, (
+        f"an empty sequence in cu_seqlens {cu_seqlens.tolist()} (fla <= 0.5.0 skips what follows)"
+    )
     assert initial_state is None and not output_final_state, "a cache in a packed training forward"
     bounds = cu_seqlens.tolist()
     pieces = [
@@ -94,7 +98,10 @@ def causal_conv1d_fn(
 
     if seq_idx is None:
         return conv(x)
-    assert x.shape[0] == 1 and x.stride(1) == 1, "causal-conv1d takes seq_idx with channel-last x only"
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1  # causal-conv1d's own check
+    assert x.shape[0] == 1 and channel_last, (
+        f"causal-conv1d takes seq_idx with channel-last x only {x.stride()}"
+    )
     assert seq_idx.dtype == torch.int32 and seq_idx.shape == (1, x.shape[-1])
     _, counts = torch.unique_consecutive(seq_idx[0], return_counts=True)
     return torch.cat([conv(p) for p in torch.split(x, counts.tolist(), dim=-1)], dim=-1)
@@ -182,6 +189,21 @@ def _check(model_type: str, packed: bool, compile_layers: bool, checkpointing: b
         assert want and have.keys() == want.keys()
         for name in want:
             assert_close(have[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    for lengths in ([5, 0, 3], [1], [7]):  # an all-padding row; one token; one sequence
+        ids, mask, _ = padded_batch(lengths, 8, vocab=200)
+        with torch.no_grad():
+            expected = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            del CALLS[:]
+            got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert CALLS, "no stand-in kernel was called"
+        real = mask.bool()
+        assert_close(got[real], expected[real], rtol=1e-4, atol=2e-4)
+        if packed and len(lengths) == 1:  # one sequence: the kernels' plain call
+            assert all(c["batch"] == 1 and not c.get("cu_seqlens") and not c.get("seq_idx") for c in CALLS), (
+                CALLS
+            )
+        elif packed:
+            assert all(c.get("cu_seqlens", [0, 5, 8]) == [0, 5, 8] for c in CALLS), CALLS
     return {"kernels": sorted(kernels), "mixers": sorted({type(m).__name__ for m in wrapped})}
 
 

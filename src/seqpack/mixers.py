@@ -64,6 +64,7 @@ class PackedRows:
 
 
 _PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "position_ids")
+_METADATA = _PACKING[:-1]  # what tells a kernel where sequences start (not the positions)
 _ROWS = "_seqpack_rows"  # on a mixer whose layer drops kwargs: (cu_seqlens, max_seqlen) of this call
 
 
@@ -246,6 +247,18 @@ def _call_with_metadata(original, signature, bound, cu_seqlens, max_seqlen, tota
     """The mixer on the packed (1, T, H) input itself, its kernels handed the packing metadata in
     the spellings of transformers' padding-free collator (``DataCollatorWithFlattening``):
     ``cu_seq_lens_q`` (which the model passes on as the kernels' ``cu_seqlens``) and ``seq_idx``."""
+    if cu_seqlens.shape[0] == 2:
+        # One sequence: the kernels' plain call, as unpatched. (causal-conv1d takes seq_idx only
+        # with channel-last input, which a (1, C, 1) tensor of a one-token row is not.)
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                given = bound.arguments.get(name, {})
+                bound.arguments[name] = {k: v for k, v in given.items() if k not in _METADATA}
+            elif name in _METADATA and name in bound.arguments:
+                bound.arguments[name] = None
+        if "attention_mask" in bound.arguments:
+            bound.arguments["attention_mask"] = None
+        return original(*bound.args[1:], **bound.kwargs)
     metadata = {
         "cu_seq_lens_q": cu_seqlens,
         "cu_seq_lens_k": cu_seqlens,

@@ -25,8 +25,9 @@ class VarlenMetadata(NamedTuple):
     Attributes:
         indices: (T,) int64, flat positions of the real tokens in the (B * L) batch; None for an
             input that arrived packed (every token real: the rows laid end to end, T = B * L).
-        cu_seqlens: (N + 1,) int32, cumulative lengths of the N packed sequences (N = B for a
-            padded batch; one per document for a packed one).
+        cu_seqlens: (N + 1,) int32, cumulative lengths of the N packed sequences (one per row
+            with a real token for a padded batch; one per document for a packed one). No sequence
+            is empty, unless every row is padding.
         max_seqlen: int, the longest sequence.
         position_ids: (..., 1, T) int64, positions of the packed tokens (leading dims for
             multi-axis positions).
@@ -96,8 +97,8 @@ def metadata_from_mask(
         largest = attention_mask.max().long()
         mask = attention_mask != 0  # (B, L) bool
     seqlens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    total, max_seqlen, n_bad, top = torch.stack(
-        [seqlens.sum().long(), seqlens.max().long(), bad_values, largest]
+    total, max_seqlen, n_bad, top, nonempty = torch.stack(
+        [seqlens.sum().long(), seqlens.max().long(), bad_values, largest, (seqlens > 0).sum().long()]
     ).tolist()  # the one host sync of a forward
     if n_bad:
         segments = (
@@ -110,7 +111,11 @@ def metadata_from_mask(
             f"found {n_bad} other values. Pass a padding mask, not an additive or weighted mask.{segments}"
         )
     indices = _nonzero(mask.flatten(), total)  # (T,)
-    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+    if 0 < nonempty < batch_size:
+        # An all-padding row is no sequence: the mixer kernels get no empty one in cu_seqlens
+        # (flash-linear-attention <= 0.5.0 skips every sequence after an empty one).
+        seqlens = seqlens[_nonzero(seqlens > 0, nonempty)]  # (N,)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # (N + 1,)
     if position_ids is None:
         packed_pos = _restarting_positions(cu_seqlens, total).unsqueeze(0)  # (1, T)
     else:
@@ -180,6 +185,8 @@ def metadata_from_packed(
     # The longest sequence itself, not the caller's bound: kernels take it as a hint, but the rows
     # layout of the reference attention and the sequence mixers is that wide.
     max_seqlen = longest
+    if shortest == 0 and last > 0:  # an empty document: no sequence (as in metadata_from_mask)
+        cu_seqlens = torch.unique_consecutive(cu_seqlens)
     if position_ids is None:
         position_ids = _restarting_positions(cu_seqlens, total).unsqueeze(0)  # (1, T)
     else:

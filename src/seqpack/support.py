@@ -197,6 +197,10 @@ def _kernel_choice(fn) -> dict | None:
         return None
 
 
+def _is_none(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
 @functools.cache
 def mixer_reads_packing(cls: type) -> bool:
     """Whether a sequence mixer keeps packed sequences apart by itself, given the packing metadata.
@@ -227,7 +231,7 @@ def mixer_reads_packing(cls: type) -> bool:
     for node, choice in calls:
         if "update" in node.func.id:  # the one-token step of cached generation, never in training
             continue
-        given = {k.arg for k in node.keywords}
+        given = {k.arg for k in node.keywords if not _is_none(k.value)}  # seq_idx=None hands nothing
         handed = ("cu_seqlens" in given and "cu_seqlens" in choice["params"]) or (
             ("seq_idx" in given or None in given) and "seq_idx" in choice["params"]
         )
