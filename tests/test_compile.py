@@ -150,3 +150,26 @@ def test_inductor_layers_take_no_length_guarded_fusion(monkeypatch):
         assert kwargs["options"] == {"triton.mix_order_reduction_non_strict_mode": True}
         torch.compile(lambda x: x + 1, **compiling._options("inductor"))(torch.ones(2))  # a known option
     assert compiling._options("aot_eager") == {}
+
+
+def test_many_architectures_in_one_process_all_compile(monkeypatch):
+    """dynamo keeps 8 graphs per code object, and every architecture's decoder layers enter through
+    transformers' same layer call, about two graphs each: without room the fifth model patched in a
+    process ran its layers eagerly. The room is made for the packed forward only."""
+    from tiny_models import build_tiny_model
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    added = {}
+    for model_type in ("llama", "qwen3", "mistral", "qwen2", "phi3"):
+        model = patch(build_tiny_model(model_type).train())
+        before = counters["stats"]["unique_graphs"]
+        for lengths in ([5, 3], [7]):  # several sequences, then one
+            ids, mask, labels = padded_batch(lengths, 8, vocab=200)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        added[model_type] = counters["stats"]["unique_graphs"] - before
+    assert all(n >= 1 for n in added.values()), added  # a model that ran eagerly compiled nothing
+    assert sum(added.values()) > limit, added  # more graphs than the default room
+    assert torch._dynamo.config.recompile_limit == limit  # left as it was outside the forward
+    torch._dynamo.reset()

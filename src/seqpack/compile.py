@@ -68,6 +68,31 @@ def loss_chunk(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True, **_options("inductor"))
 
 
+# Graphs dynamo keeps per code object while a packed forward runs (its default, 8, is shared).
+RECOMPILE_LIMIT = 64
+
+
+def graph_room():
+    """Context for one packed forward: room in dynamo's graph cache for every patched model's layers.
+
+    dynamo keeps at most ``recompile_limit`` (8) graphs per code object, then runs it eagerly and
+    logs one warning. Every decoder layer's compiled call enters through the same transformers code
+    (``GradientCheckpointingLayer``'s call), so the layers of every architecture patched in one
+    process share those 8: about two graphs each (a batch of one sequence specialises once), and
+    the fifth architecture's layers ran eagerly (measured on CPU, transformers 5.24). The limit is
+    raised for seqpack's packed forwards only, never lowered, and left alone inside an outer
+    ``torch.compile`` (which does not recompile the layers on its own).
+    """
+    try:
+        from torch._dynamo import config
+    except ImportError:
+        return contextlib.nullcontext()
+    name = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(config, n)), None)
+    if name is None or torch.compiler.is_compiling() or getattr(config, name) >= RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    return config.patch(**{name: RECOMPILE_LIMIT})
+
+
 def uncompile(layers: list[nn.Module]) -> None:
     for layer in layers:
         layer._compiled_call_impl = None

@@ -522,6 +522,7 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
         _NamedSeqpack(record),
         _NeftuneScale(module, meta),
         compiling.memory_budget(record.memory_budget),
+        compiling.graph_room(),
     ):
         if keep and head is not None:
             return _kept_logits_call(module, head, call, meta, keep)
