@@ -388,6 +388,8 @@ def test_prepacked_metadata_follows_transformers_rule():
     assert meta.cu_seqlens.tolist() == [0, 3, 5, 6, 7] and meta.max_seqlen == 3
     meta = metadata_from_packed(1, 5, cpu, cu_seqlens=torch.tensor([0, 3, 5]))
     assert meta.position_ids.tolist() == [[0, 1, 2, 0, 1]] and meta.cu_seqlens.dtype == torch.int32
+    meta = metadata_from_packed(1, 5, cpu, cu_seqlens=torch.tensor([0, 0, 3, 3, 5]))  # empty documents
+    assert meta.cu_seqlens.tolist() == [0, 3, 5] and meta.position_ids.tolist() == [[0, 1, 2, 0, 1]]
     # Several rows: each row starts a document too, even where its positions continue the last row's.
     meta = metadata_from_packed(2, 4, cpu, position_ids=torch.tensor([[0, 1, 0, 1], [2, 3, 4, 5]]))
     assert meta.cu_seqlens.tolist() == [0, 2, 4, 8] and meta.max_seqlen == 4
