@@ -246,31 +246,26 @@ def _mixer_call(forward: MixerForward, args, kwargs):
 def _call_with_metadata(original, signature, bound, cu_seqlens, max_seqlen, total):
     """The mixer on the packed (1, T, H) input itself, its kernels handed the packing metadata in
     the spellings of transformers' padding-free collator (``DataCollatorWithFlattening``):
-    ``cu_seq_lens_q`` (which the model passes on as the kernels' ``cu_seqlens``) and ``seq_idx``."""
-    if cu_seqlens.shape[0] == 2:
-        # One sequence: the kernels' plain call, as unpatched. (causal-conv1d takes seq_idx only
-        # with channel-last input, which a (1, C, 1) tensor of a one-token row is not.)
-        for name, param in signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                given = bound.arguments.get(name, {})
-                bound.arguments[name] = {k: v for k, v in given.items() if k not in _METADATA}
-            elif name in _METADATA and name in bound.arguments:
-                bound.arguments[name] = None
-        if "attention_mask" in bound.arguments:
-            bound.arguments["attention_mask"] = None
-        return original(*bound.args[1:], **bound.kwargs)
-    metadata = {
-        "cu_seq_lens_q": cu_seqlens,
-        "cu_seq_lens_k": cu_seqlens,
-        "max_length_q": max_seqlen,
-        "max_length_k": max_seqlen,
-        "seq_idx": sequence_index(cu_seqlens, total)[None],  # (1, T) int32
-    }
-    named = {k: metadata.pop(k) for k in list(metadata) if k in signature.parameters}  # seq_idx=...
-    bound.arguments.update(named)
+    ``cu_seq_lens_q`` (which the model passes on as the kernels' ``cu_seqlens``) and ``seq_idx``.
+    A row of one sequence gets none: the kernels' plain call, as unpatched (causal-conv1d takes
+    ``seq_idx`` only with channel-last input, which the (1, C, 1) tensor of a one-token row is not).
+    """
+    metadata = {}
+    if cu_seqlens.shape[0] > 2:
+        metadata = {
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": max_seqlen,
+            "max_length_k": max_seqlen,
+            "seq_idx": sequence_index(cu_seqlens, total)[None],  # (1, T) int32
+        }
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
-            bound.arguments[name] = {**bound.arguments.get(name, {}), **metadata}
+            given = {k: v for k, v in bound.arguments.get(name, {}).items() if k not in _METADATA}
+            extra = {k: v for k, v in metadata.items() if k not in signature.parameters}
+            bound.arguments[name] = {**given, **extra}
+        elif name in _METADATA and (name in metadata or name in bound.arguments):
+            bound.arguments[name] = metadata.get(name)  # a named parameter (LFM2's seq_idx on 5.17)
     if "attention_mask" in bound.arguments:
         bound.arguments["attention_mask"] = None  # one packed row: no padding to mask
     return original(*bound.args[1:], **bound.kwargs)
