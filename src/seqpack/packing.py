@@ -254,7 +254,7 @@ def row_layout(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> RowLayo
     """
     cu = cu_seqlens.long()
     pos = torch.arange(total, device=cu.device)  # (T,)
-    seq_id = torch.searchsorted(cu, pos, right=True) - 1  # (T,) which sequence each token is in
+    seq_id = sequence_index(cu, total).long()  # (T,)
     slot = seq_id * max_seqlen + (pos - cu[seq_id])  # (T,)
     return RowLayout(slot, cu.shape[0] - 1, max_seqlen)
 
