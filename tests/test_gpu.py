@@ -165,8 +165,10 @@ def test_fp32_on_gpu_falls_back_exactly():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_loss_bf16_over_several_chunks():
-    """128k vocabulary, 5,000 tokens: three chunks, weight gradient accumulated in bf16."""
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["uncapped", "capped"])
+def test_fused_loss_bf16_over_several_chunks(softcap):
+    """128k vocabulary, 5,000 tokens: three chunks, weight gradient accumulated in bf16; capped,
+    the loss of ``softcap * tanh(logits / softcap)`` (Gemma 2's, computed as its forward does)."""
     from seqpack.loss import linear_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -178,9 +180,12 @@ def test_fused_loss_bf16_over_several_chunks():
     def run(h, w, fused):
         h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
         if fused:
-            loss = linear_cross_entropy(h, w, targets)
+            loss = linear_cross_entropy(h, w, targets, softcap=softcap)
         else:
-            loss = torch.nn.functional.cross_entropy((h @ w.T).float(), targets)
+            logits = h @ w.T
+            if softcap is not None:  # in the matmul dtype, as Gemma 2's forward caps them
+                logits = torch.tanh(logits / softcap) * softcap
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         loss.backward()
         return loss.float(), h.grad.float(), w.grad.float()
 

@@ -6,7 +6,6 @@ import transformers
 from helpers import grads, padded_batch, tiny_llama
 from packaging.version import Version
 from torch.testing import assert_close
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from seqpack import loss as seqloss
 from seqpack import patch
@@ -16,20 +15,25 @@ from seqpack.support import fused_loss_blocker
 @pytest.mark.parametrize("chunk", [3, 64], ids=["chunked", "one-chunk"])
 @pytest.mark.parametrize("num_items", [None, 17])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_matches_plain(monkeypatch, chunk, num_items, bias):
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["uncapped", "capped"])
+def test_linear_cross_entropy_matches_plain(monkeypatch, chunk, num_items, bias, softcap):
     monkeypatch.setattr(seqloss, "_chunk_size", lambda vocab: chunk)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 8, generator=g, requires_grad=True)
     weight = torch.randn(11, 8, generator=g, requires_grad=True)
     b = torch.randn(11, generator=g, requires_grad=True) if bias else None
     targets = torch.tensor([1, 2, -100, 4, 5, 10, -100, 0, 3, 3])
-    fused = seqloss.linear_cross_entropy(hidden, weight, targets, b, num_items_in_batch=num_items)
+    fused = seqloss.linear_cross_entropy(
+        hidden, weight, targets, b, num_items_in_batch=num_items, softcap=softcap
+    )
     fused.backward()
     fused_grads = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
     for t in (hidden, weight, b):
         if t is not None:
             t.grad = None
     logits = torch.nn.functional.linear(hidden, weight, b)
+    if softcap is not None:  # logits of about 3: the cap bends them
+        logits = torch.tanh(logits / softcap) * softcap
     reduction = "mean" if num_items is None else "sum"
     plain = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
     plain = plain if num_items is None else plain / num_items
@@ -70,41 +74,28 @@ def test_logits_come_back_when_a_caller_needs_them():
     assert kept(input_ids=ids, attention_mask=mask, labels=labels).logits is not None  # the option
 
 
-def test_softcapped_head_keeps_the_models_own_loss():
-    config = AutoConfig.for_model(
-        "gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, final_logit_softcapping=5.0,
-        sliding_window=4,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
-    assert fused_loss_blocker(type(reference), "lm_head") is not None  # softcapped logits
-    patched = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
-    patched.load_state_dict(reference.state_dict())
-    patch(patched, compile=False)
-    ids, mask, labels = padded_batch([7, 1, 13, 10], 13)
-    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
-    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is not None
-    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-
-
-def test_liger_kernel_is_used_when_installed(monkeypatch):
-    """A CPU stand-in for liger-kernel's fused linear cross-entropy: the arguments it gets."""
+@pytest.mark.parametrize("release", ["plain", "capping", "capping, asked for a cap", "without the cap"])
+def test_liger_kernel_is_used_when_installed(monkeypatch, release):
+    """A CPU stand-in for liger-kernel's fused linear cross-entropy: the arguments it gets. A cap is
+    handed on to a release that takes ``softcap``; a release without it is not used for a cap."""
     import sys
     import types
 
     calls = []
+    softcap = 2.0 if release in ("capping, asked for a cap", "without the cap") else None
 
-    def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ignore_index=-100, reduction="mean"
-    ):
-        calls.append(dict(shape=tuple(input.shape), ignore_index=ignore_index, reduction=reduction))
+    def capping(input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None):
+        calls.append(dict(shape=tuple(input.shape), reduction=reduction, softcap=softcap))
         logits = torch.nn.functional.linear(input, weight, bias).float()
+        logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
         return torch.nn.functional.cross_entropy(
             logits, target, ignore_index=ignore_index, reduction=reduction
         )
 
+    def uncapping(input, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+        return capping(input, weight, target, bias, ignore_index, reduction)
+
+    liger_fused_linear_cross_entropy = capping if release.startswith("capping") else uncapping
     liger_fused_linear_cross_entropy._seqpack_stand_in = True
     functional = types.SimpleNamespace(liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
@@ -116,22 +107,28 @@ def test_liger_kernel_is_used_when_installed(monkeypatch):
     try:
         hidden, weight = torch.randn(6, 8), torch.randn(11, 8)
         targets = torch.tensor([1, 2, -100, 4, 5, 10])
-        got = seqloss.linear_cross_entropy(hidden, weight, targets, num_items_in_batch=4)
+        got = seqloss.linear_cross_entropy(hidden, weight, targets, num_items_in_batch=4, softcap=softcap)
     finally:
         seqloss._liger_loss.cache_clear()
-    assert calls == [dict(shape=(6, 8), ignore_index=-100, reduction="sum")]
-    want = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") / 4
+    if release == "without the cap":
+        assert calls == []
+    else:
+        assert calls == [dict(shape=(6, 8), reduction="sum", softcap=softcap)]
+    logits = hidden @ weight.T
+    logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+    want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / 4
     assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fusable_chunk_equals_the_eager_chunk(dtype):
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["uncapped", "capped"])
+def test_fusable_chunk_equals_the_eager_chunk(dtype, softcap):
     """The per-chunk softmax/gradient compiled on CUDA is the same function as the CPU path."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(9, 37, generator=g) * 4).to(dtype)
     targets = torch.tensor([1, -100, 36, 0, 5, 5, -100, 2, 3])
-    loss_eager, grad_eager = seqloss._chunk_eager(logits.clone(), targets, -100, True)
-    loss_fusable, grad_fusable = seqloss._chunk_fusable(logits, targets, -100)
+    loss_eager, grad_eager = seqloss._chunk_eager(logits.clone(), targets, -100, True, softcap)
+    loss_fusable, grad_fusable = seqloss._chunk_fusable(logits, targets, -100, softcap)
     assert grad_fusable.dtype == dtype and grad_eager.dtype == dtype
     assert_close(loss_fusable, loss_eager)
     assert_close(grad_fusable, grad_eager)
@@ -197,25 +194,84 @@ def test_router_loss_asked_for_in_a_multimodal_text_config_is_kept():
     assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cap", [None, 5.0], ids=["uncapped", "capped"])
-def test_a_softcap_gated_on_the_config_fuses_only_when_off(cap):
-    """Gemma 3's forward caps its logits only ``if self.config.final_logit_softcapping is not None``,
-    and its published configs set None: then the head and loss fuse (its 262k-vocabulary logits,
-    3.4 MB a token, were materialised before). A cap set, even after patch, keeps the model's own
-    loss. Both equal the unpatched model's loss and gradients."""
+CAPPED = ["gemma2", "gemma3_text", "gemma4_text", "beam", "vaultgemma", "nanochat"]
+
+
+@pytest.mark.parametrize("cap", [None, 2.0], ids=["uncapped", "capped"])
+@pytest.mark.parametrize("model_type", CAPPED)
+def test_capped_logits_fuse_with_their_cap(model_type, cap):
+    """Gemma 2/3/4, VaultGemma, nanochat and Beam cap their logits ``if
+    self.config.final_logit_softcapping is not None`` (Gemma 2's published configs: 30; its 256k
+    vocabulary's logits were materialised before). The fused loss applies the cap read from the
+    config at each call, set before or after patch: logits None, loss and gradients equal the
+    unpatched model's, and ``logits_to_keep`` logits (GRPO's) are capped as the model caps them."""
     import copy
 
     from tiny_models import build_tiny_model
+    from transformers import CONFIG_MAPPING
 
-    reference = build_tiny_model("gemma3_text").train()
-    assert reference.config.final_logit_softcapping is None
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    reference = build_tiny_model(model_type).train()
+    reference.config.final_logit_softcapping = None
     patched = patch(copy.deepcopy(reference), compile=False)
     for model in (reference, patched):
         model.config.final_logit_softcapping = cap
-    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=reference.config.vocab_size)
+    vocab = reference.config.vocab_size
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=vocab)
+    with torch.no_grad():  # logits of about 5, so a cap of 2 bends them
+        reference.get_output_embeddings().weight.mul_(8)
+        patched.get_output_embeddings().weight.mul_(8)
     ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
     out = patched(input_ids=ids, attention_mask=mask, labels=labels)
-    assert (out.logits is None) == (cap is None)
+    assert out.logits is None
+    if cap is not None:  # the cap changes the loss: a fused loss without it would fail below
+        reference.config.final_logit_softcapping = None
+        with torch.no_grad():
+            uncapped = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+        reference.config.final_logit_softcapping = cap
+        assert abs(uncapped - ref.loss) > 0.01 * ref.loss.abs(), (float(uncapped), float(ref.loss))
     _assert_same_loss_and_grads(reference, patched, ref, out)
-    assert fused_loss_blocker(type(reference), "lm_head") is not None  # the class alone: capped
-    assert fused_loss_blocker(type(reference), "lm_head", uncapped=True) is None
+    kept = dict(input_ids=ids, attention_mask=mask, logits_to_keep=4)
+    with torch.no_grad():
+        want, got = reference(**kept).logits, patched(**kept).logits
+    real = mask[:, -4:].bool()
+    assert got.dtype == want.dtype
+    assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    if cap is not None:
+        assert want.abs().max() <= cap
+
+
+def test_a_cap_in_another_form_keeps_the_models_own_loss():
+    """A forward that caps its logits in any form but transformers' three lines is not fused."""
+    from tiny_models import build_tiny_model
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class HalfCapped(type(build_tiny_model("gemma2"))):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits) + 1
+                logits = logits * self.config.final_logit_softcapping
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    config = build_tiny_model("gemma2").config
+    config.final_logit_softcapping = 2.0
+    torch.manual_seed(0)
+    reference = HalfCapped(config).train()
+    assert fused_loss_blocker(HalfCapped, "lm_head") is not None
+    assert fused_loss_blocker(HalfCapped, "lm_head", uncapped=True) is None  # the gate never runs
+    import copy
+
+    patched = patch(copy.deepcopy(reference), compile=False)
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=config.vocab_size)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    _assert_same_loss_and_grads(reference, patched, ref, out)

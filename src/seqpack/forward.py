@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from .support import (
     _base_model,
     fused_loss_blocker,
     has_attention,
+    logit_cap,
     mask_patterns,
     router_loss_gated,
 )
@@ -573,8 +574,9 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
         meta = metadata_from_mask(mask, batch, length, device)  # the language model ran unpacked
     targets = _shift_labels(_no_target(labels, inputs.get("ignore_index")), mask, meta)  # (1, T)
     loss = linear_cross_entropy(
-        pack(hidden, meta)[0], head.weight, targets[0], head.bias, inputs.get("num_items_in_batch")
-    )
+        pack(hidden, meta)[0], head.linear.weight, targets[0], head.linear.bias,
+        inputs.get("num_items_in_batch"), softcap=head.cap,
+    )  # fmt: skip
     return _fused_output(loss, out)
 
 
@@ -590,13 +592,30 @@ def _fused_output(loss: torch.Tensor, out):
     return result
 
 
-def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Linear | None:
+class _Head(NamedTuple):
+    """The LM head as the fused loss computes it: ``cap * tanh(linear(h) / cap)`` when ``cap``."""
+
+    linear: nn.Linear
+    cap: float | None = None
+    upcast: bool = False  # the model caps fp32 logits (Beam's ``logits.float() / cap``)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits of (N, H) hidden states, with the model's own ops."""
+        logits = self.linear(hidden)
+        if self.cap is not None:
+            logits = logits.float() if self.upcast else logits
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head | None:
     """The LM head, if the fused loss computes exactly what the model's forward would, now.
     ``router_logits``: the call's ``output_router_logits`` (None: the config's).
 
     Decided at every call from the head that is there now: a PEFT adapter or trainable-token
     wrapper added after patch(), a hook or a forward replaced on the head, all keep the model's
-    own loss. support.fused_loss_blocker reads the forward itself (cached per class).
+    own loss. support.fused_loss_blocker reads the forward itself (cached per class), and
+    support.logit_cap the logit cap it applies (Gemma 2's), read from the config now.
     """
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_children() if m is head), None)
@@ -617,7 +636,22 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> nn.Lin
     if router_logits and router_loss_gated(type(model)):
         return None  # the model adds its load-balancing loss: its own loss, unfused
     uncapped = all(getattr(c, "final_logit_softcapping", None) is None for c in configs)
-    return head if fused_loss_blocker(type(model), name, uncapped) is None else None
+    if fused_loss_blocker(type(model), name, uncapped) is not None:
+        return None
+    cap = None if uncapped else logit_cap(type(model))
+    if cap is None:  # no cap set, or a forward that applies none
+        return _Head(head)
+    value = _read_config(model, cap.read)
+    return _Head(head, float(value), cap.upcast) if value is not None else _Head(head)
+
+
+def _read_config(model: nn.Module, read: str):
+    """``self.config.get_text_config().final_logit_softcapping`` and the like, as the forward reads it."""
+    value = model
+    for part in read.split(".")[1:]:  # after "self"
+        value = getattr(value, part.removesuffix("()"))
+        value = value() if part.endswith("()") else value
+    return value
 
 
 def _computes_causal_lm_loss(model: nn.Module) -> bool:
@@ -657,7 +691,7 @@ class _NeftuneScale:
             self.embeddings.neftune_noise_alpha = self.alpha
 
 
-def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: torch.Tensor):
+def _fused_loss_call(model: nn.Module, head: _Head, call: dict, targets: torch.Tensor):
     """The causal-LM forward with the loss fused into the LM head: no (T, V) logits, logits=None."""
 
     num_items = call.pop("num_items_in_batch", None)
@@ -665,11 +699,13 @@ def _fused_loss_call(model: nn.Module, head: nn.Linear, call: dict, targets: tor
         call.pop(name, None)
     out = _base_model(model)(**call)
     hidden = out.last_hidden_state[0]  # (T, H)
-    loss = linear_cross_entropy(hidden, head.weight, targets[0], head.bias, num_items)
+    loss = linear_cross_entropy(
+        hidden, head.linear.weight, targets[0], head.linear.bias, num_items, softcap=head.cap
+    )
     return _fused_output(loss, out)
 
 
-def _kept_logits_call(model: nn.Module, head: nn.Linear, call: dict, meta: VarlenMetadata, keep: int):
+def _kept_logits_call(model: nn.Module, head: _Head, call: dict, meta: VarlenMetadata, keep: int):
     """``logits_to_keep=k`` (TRL's GRPO/RLOO log-probs): logits of the last k columns of each row.
 
     Only the packed tokens that sit in those columns go through the head; the (B, k, V) logits
@@ -683,7 +719,7 @@ def _kept_logits_call(model: nn.Module, head: nn.Linear, call: dict, meta: Varle
     row, col = flat // length, flat % length  # (T,) where each packed token sat
     kept = col >= length - keep  # (T,)
     slot = (row * keep + col - (length - keep))[kept]  # (K,) its place in the (B * k) layout
-    logits = head(out.last_hidden_state[0][kept])  # (K, V)
+    logits = head.logits(out.last_hidden_state[0][kept])  # (K, V)
     padded = logits.new_zeros(batch * keep, logits.shape[-1]).index_copy(0, slot, logits)
     hidden = tuple(unpack(h, meta) for h in out.hidden_states) if out.hidden_states is not None else None
     return CausalLMOutputWithPast(logits=padded.view(batch, keep, -1), hidden_states=hidden)

@@ -19,6 +19,7 @@ import inspect
 import re
 import textwrap
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -654,11 +655,89 @@ def _is_softcap_gate(node) -> bool:
     return ast.unparse(read) in _CAP_READS
 
 
+class LogitCap(NamedTuple):
+    """A forward's logit cap in transformers' form, which the fused loss computes itself:
+
+        if <read> is not None:
+            logits = logits / cap      # or logits.float() / cap (``upcast``: Beam's)
+            logits = torch.tanh(logits)
+            logits = logits * cap
+
+    ``read``: where the cap comes from, one of ``_CAP_READS`` (forward.py reads it per call).
+    """
+
+    read: str
+    upcast: bool
+
+
+def _standard_cap(node) -> LogitCap | None:
+    """The LogitCap of a softcap gate whose body is exactly the three lines above, else None."""
+    if not _is_softcap_gate(node) or len(node.body) != 3:
+        return None
+    if not all(isinstance(n, ast.Assign) and len(n.targets) == 1 for n in node.body):
+        return None
+    left = node.test.left
+    read = ast.unparse(left.value if isinstance(left, ast.NamedExpr) else left)
+    caps = {read, left.target.id} if isinstance(left, ast.NamedExpr) else {read}  # a walrus: its name too
+    names = {ast.unparse(n.targets[0]) for n in node.body}
+    divide, tanh, scale = (n.value for n in node.body)
+    if len(names) != 1 or not all(isinstance(v, ast.BinOp) for v in (divide, scale)):
+        return None
+    (name,) = names
+    numerator = ast.unparse(divide.left)
+    if (
+        isinstance(divide.op, ast.Div)
+        and numerator in (name, f"{name}.float()")
+        and ast.unparse(divide.right) in caps
+        and ast.unparse(tanh) == f"torch.tanh({name})"
+        and isinstance(scale.op, ast.Mult)
+        and ast.unparse(scale.left) == name
+        and ast.unparse(scale.right) in caps
+    ):
+        return LogitCap(read, upcast=numerator != name)
+    return None
+
+
+@functools.cache
+def logit_cap(cls: type) -> LogitCap | None:
+    """The cap ``cls.forward`` applies to its logits in transformers' gated form (one such block), or None."""
+    source = _source(cls.forward)
+    if not source:
+        return None
+    caps = [_standard_cap(n) for n in ast.walk(ast.parse(source)) if _is_softcap_gate(n)]
+    return caps[0] if len(caps) == 1 and caps[0] is not None else None
+
+
+class _WithoutPassedOn(ast.NodeTransformer):
+    """The forward without the backbone's router logits passed on to its output
+    (``router_logits=outputs.router_logits``: Gemma 4's), which add no loss."""
+
+    def visit_Call(self, node):
+        node.keywords = [k for k in node.keywords if not _is_passed_on(k)]
+        return self.generic_visit(node)
+
+
+def _is_passed_on(keyword) -> bool:
+    value = keyword.value
+    return (
+        keyword.arg == "router_logits"
+        and isinstance(value, ast.Attribute)
+        and value.attr == "router_logits"
+        and isinstance(value.value, ast.Name)
+    )
+
+
 class _WithoutSoftcap(ast.NodeTransformer):
-    """The forward as it runs with ``final_logit_softcapping=None``: the gated capping gone."""
+    """The forward without its gated capping: every such block when ``final_logit_softcapping`` is
+    None (it never runs), else only the standard one (``LogitCap``: the fused loss applies it)."""
+
+    def __init__(self, uncapped: bool):
+        self.uncapped = uncapped
 
     def visit_If(self, node):
-        return None if _is_softcap_gate(node) else self.generic_visit(node)
+        if _is_softcap_gate(node) and (self.uncapped or _standard_cap(node) is not None):
+            return None
+        return self.generic_visit(node)
 
 
 @functools.cache
@@ -681,15 +760,16 @@ def fused_loss_blocker(cls: type, head: str, uncapped: bool = False) -> str | No
     A router loss gated on ``output_router_logits`` is read as absent (``router_loss_gated``): a
     call that asks for router logits keeps the model's own loss (forward.py checks that).
     ``uncapped``: the model's ``final_logit_softcapping`` is None, so a capping block gated on it
-    (Gemma 3's) is read as absent too.
+    (Gemma 3's) is read as absent too; with a cap set, only a block in transformers' standard form
+    (``logit_cap``, which the fused loss then applies) is.
     """
     source = _source(cls.forward)
     if not source:
         return "its forward has no readable source"
     if router_loss_gated(cls):  # read as it runs without router logits; the caller checks that
         source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
-    if uncapped:
-        source = ast.unparse(_WithoutSoftcap().visit(ast.parse(source)))
+    source = ast.unparse(_WithoutSoftcap(uncapped).visit(ast.parse(source)))
+    source = ast.unparse(_WithoutPassedOn().visit(ast.parse(source)))
     # the flag itself (a parameter, passed on to the backbone) is no router loss
     words = [w for w in _UNFUSABLE_WORDS if w in source.replace("output_router_logits", "")]
     if words:
