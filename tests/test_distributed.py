@@ -351,6 +351,8 @@ def _force_fsdp_on_cpu() -> None:
     from accelerate.state import DistributedType, PartialState
 
     state = PartialState(cpu=True)
+    if state.distributed_type in (DistributedType.MULTI_GPU, DistributedType.FSDP):
+        return  # relabelled by an earlier run in this process
     assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
@@ -392,6 +394,8 @@ def _train_with_trainer(tmp: str, fsdp: bool = False) -> dict:
 
     model.register_forward_pre_hook(record, with_kwargs=True)
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: packed.append(a[0].shape[0] == 1))
+    fused = []
+    model.register_forward_hook(lambda m, a, out: fused.append(out.logits is None))
     sharding = {}
     if fsdp:
         layer = type(model.model.layers[0]).__name__
@@ -426,6 +430,7 @@ def _train_with_trainer(tmp: str, fsdp: bool = False) -> dict:
         "seen": seen,
         "counts": counts,
         "packed": bool(packed) and all(packed),
+        "fused": bool(fused) and all(fused),
         "weights": _whole_weights(model),
         "distributed": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
@@ -460,6 +465,7 @@ def _assert_trainer_matches(results, reference) -> None:
     plan = _plan()
     for rank, result in enumerate(results):
         assert result["packed"], f"rank {rank}: a batch reached the model unpacked"
+        assert result["fused"], f"rank {rank}: the loss was not fused"
         assert result["seen"] == [plan[s][rank] for s in range(STEPS * ACCUM)]
         assert result["counts"] == [c for c in reference["counts"] for _ in range(ACCUM)]
         assert result["weights"].keys() == reference["weights"].keys()
@@ -484,37 +490,46 @@ def test_trainer_fsdp2_with_checkpointing_and_the_sampler(tmp_path, reference):
     _assert_trainer_matches(results, reference)
 
 
-def _accelerate_worker(rank: int, tmp: str, port: int) -> None:
+def _accelerate_worker(rank: int, tmp: str, port: int, precision: str) -> None:
     _torchrun_environment(rank, port)
-    torch.save(_train_with_accelerate(rank), f"{tmp}/rank{rank}.pt")
+    if precision == "fp32":
+        runs = _train_with_accelerate(rank)
+    else:  # accelerate's bf16: MixedPrecisionPolicy(param, reduce and output dtype bf16)
+        runs = {
+            name: _train_with_accelerate(rank, patched=name == "patched", mixed_precision=precision)
+            for name in ("unpatched", "patched")
+        }
+    torch.save(runs, f"{tmp}/rank{rank}.pt")
     _teardown()
 
 
-def _train_with_accelerate(rank: int) -> dict:
+def _train_with_accelerate(rank: int, patched: bool = True, mixed_precision: str = "no") -> dict:
     """A plain Accelerate loop with an FSDP2 plugin (transformer-based wrap of the decoder layers)."""
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
     model = tiny_llama()
-    patch(model, compile=False)  # compiled layers under FSDP2: the Trainer test and test_matches_one_process
+    if patched:  # compiled layers under FSDP2: the Trainer test and test_matches_one_process
+        patch(model, compile=False)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[type(model.model.layers[0]).__name__],
     )
     _force_fsdp_on_cpu()
-    accelerator = Accelerator(fsdp_plugin=plugin)
+    accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision=mixed_precision)
     model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
     plan = _plan()
-    losses = []
+    losses, fused = [], []
     for step in range(STEPS):
         micro = _micro_batches(plan, step, rank)
         count = torch.tensor(num_items([labels for _, _, labels in micro]))
         dist.all_reduce(count)
         total = torch.zeros(())
         for ids, mask, labels in micro:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
-            accelerator.backward(loss * WORLD)  # FSDP2 averages the gradients over the ranks
-            total += loss.detach()
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count)
+            fused.append(out.logits is None)
+            accelerator.backward(out.loss * WORLD)  # FSDP2 averages the gradients over the ranks
+            total += out.loss.detach().float()
         dist.all_reduce(total)
         opt.step()
         opt.zero_grad()
@@ -524,18 +539,37 @@ def _train_with_accelerate(rank: int) -> dict:
         "weights": _whole_weights(model),
         "distributed": str(accelerator.distributed_type),
         "sharded": all(hasattr(p, "full_tensor") for p in model.parameters()),
+        # accelerate shards [final norm, lm_head] as one group: the head is an FSDP module
+        "head": type(model.get_output_embeddings()).__name__,
+        "fused": all(fused),
     }
 
 
 @needs_fsdp2
 def test_accelerate_fsdp2_plugin(tmp_path, reference):
+    """accelerate shards [final norm, lm_head] as one FSDP2 group, so the head is an FSDP module
+    whose weight is whole only inside its call: the fused loss runs there, and the per-step
+    losses and final weights equal the one-process reference."""
     pytest.importorskip("accelerate")
-    _spawn(_accelerate_worker, str(tmp_path), _free_port())
+    _spawn(_accelerate_worker, str(tmp_path), _free_port(), "fp32")
     for rank, result in enumerate(_results(tmp_path)):
         assert result["distributed"] == "DistributedType.FSDP" and result["sharded"], result
+        assert result["head"] == "FSDPLinear" and result["fused"], result
         assert_close(result["losses"], reference["losses"], rtol=1e-4, atol=1e-6, msg=f"rank {rank} losses")
         for name, ref in reference["weights"].items():
             assert_close(result["weights"][name], ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+@needs_fsdp2
+def test_accelerate_fsdp2_bf16_is_no_worse_than_unpatched(tmp_path, reference):
+    """accelerate's bf16 (FSDP2 casts the head's output, here the fused loss's, to bf16): against
+    the fp32 one-process run, the patched run's loss and weight-update errors are at most twice
+    the unpatched run's, as in test_fsdp2_mixed_precision_is_no_worse_than_unpatched."""
+    pytest.importorskip("accelerate")
+    _spawn(_accelerate_worker, str(tmp_path), _free_port(), "bf16")
+    for rank, runs in enumerate(_results(tmp_path)):
+        assert runs["patched"]["fused"] and not runs["unpatched"]["fused"]
+        _assert_no_worse_than_unpatched(runs, reference, rank)
 
 
 @needs_fsdp2
@@ -544,18 +578,20 @@ def test_fsdp2_mixed_precision_is_no_worse_than_unpatched(tmp_path, reference):
     unpatched on the same two processes: against the fp32 one-process run, the patched run's loss
     and weight-update errors are at most twice the unpatched run's (the flash-attention rule)."""
     _spawn(_mixed_precision_worker, str(tmp_path))
-    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
-    ref_update = torch.cat([(reference["weights"][n] - initial[n]).flatten() for n in initial])
     for rank, runs in enumerate(_results(tmp_path)):
         assert runs["patched"]["packed"] and not runs["unpatched"]["packed"]
-        errors = {}
-        for name, run in runs.items():
-            losses = torch.tensor(run["losses"]) / torch.tensor(reference["losses"]) - 1
-            update = torch.cat([(run["weights"][n].float() - initial[n]).flatten() for n in initial])
-            errors[name] = (
-                float(losses.abs().max()),
-                float((update - ref_update).norm() / ref_update.norm()),
-            )
-        (loss, weights), (base_loss, base_weights) = errors["patched"], errors["unpatched"]
-        assert loss <= 2 * base_loss + 1e-3, (rank, errors)
-        assert weights <= 2 * base_weights + 1e-3, (rank, errors)
+        _assert_no_worse_than_unpatched(runs, reference, rank)
+
+
+def _assert_no_worse_than_unpatched(runs: dict, reference: dict, rank: int) -> None:
+    """The flash-attention rule on the losses and the weight update of a patched and an unpatched run."""
+    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
+    ref_update = torch.cat([(reference["weights"][n] - initial[n]).flatten() for n in initial])
+    errors = {}
+    for name, run in runs.items():
+        losses = torch.tensor(run["losses"]) / torch.tensor(reference["losses"]) - 1
+        update = torch.cat([(run["weights"][n].float() - initial[n]).flatten() for n in initial])
+        errors[name] = (float(losses.abs().max()), float((update - ref_update).norm() / ref_update.norm()))
+    (loss, weights), (base_loss, base_weights) = errors["patched"], errors["unpatched"]
+    assert loss <= 2 * base_loss + 1e-3, (rank, errors)
+    assert weights <= 2 * base_weights + 1e-3, (rank, errors)

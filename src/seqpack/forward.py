@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -573,10 +574,7 @@ def _media_forward(module: nn.Module, original, wrap: _Wrap, inputs: dict, args,
     if meta is None or (meta.batch_size, meta.seq_len) != (batch, length):
         meta = metadata_from_mask(mask, batch, length, device)  # the language model ran unpacked
     targets = _shift_labels(_no_target(labels, inputs.get("ignore_index")), mask, meta)  # (1, T)
-    loss = linear_cross_entropy(
-        pack(hidden, meta)[0], head.linear.weight, targets[0], head.linear.bias,
-        inputs.get("num_items_in_batch"), softcap=head.cap,
-    )  # fmt: skip
+    loss = head.loss(pack(hidden, meta)[0], targets[0], inputs.get("num_items_in_batch"))
     return _fused_output(loss, out)
 
 
@@ -598,6 +596,7 @@ class _Head(NamedTuple):
     linear: nn.Linear
     cap: float | None = None
     upcast: bool = False  # the model caps fp32 logits (Beam's ``logits.float() / cap``)
+    sharded: bool = False  # an FSDP2 module (_is_sharded)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, V) logits of (N, H) hidden states, with the model's own ops."""
@@ -606,6 +605,30 @@ class _Head(NamedTuple):
             logits = logits.float() if self.upcast else logits
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, num_items) -> torch.Tensor:
+        """() fp32 fused loss of (N, H) hidden states and (N,) targets."""
+        head = self.linear
+        if not self.sharded:
+            return linear_cross_entropy(hidden, head.weight, targets, head.bias, num_items, softcap=self.cap)
+        # FSDP2 gathers the weight only inside the head's call, and its hooks there set up the
+        # gradient's reduction: the fused loss runs as the head's forward for this call. It
+        # returns an empty tensor made from the loss, so FSDP's cast to its output_dtype (bf16
+        # under accelerate) leaves the fp32 loss alone while its backward hook is in the graph.
+        losses = []
+
+        def fused(h):
+            losses.append(
+                linear_cross_entropy(h, head.weight, targets, head.bias, num_items, softcap=self.cap)
+            )
+            return losses[0].repeat(0)  # (0,), a copy (FSDP warns of a view)
+
+        head.forward = fused
+        try:
+            anchor = head(hidden)
+        finally:
+            del head.forward
+        return losses[0] + anchor.sum()  # + 0, through FSDP's output
 
 
 def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head | None:
@@ -619,11 +642,11 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head 
     """
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_children() if m is head), None)
+    sharded = _is_sharded(head) and not torch.compiler.is_compiling()  # compiled: FSDP's own call
     if (
         name is None
-        or type(head) is not nn.Linear
-        or head._forward_hooks
-        or head._forward_pre_hooks
+        or (type(head) is not nn.Linear and not sharded)
+        or (not sharded and (head._forward_hooks or head._forward_pre_hooks))
         or "forward" in head.__dict__
     ):
         return None
@@ -639,10 +662,19 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head 
     if fused_loss_blocker(type(model), name, uncapped) is not None:
         return None
     cap = None if uncapped else logit_cap(type(model))
-    if cap is None:  # no cap set, or a forward that applies none
-        return _Head(head)
-    value = _read_config(model, cap.read)
-    return _Head(head, float(value), cap.upcast) if value is not None else _Head(head)
+    value = None if cap is None else _read_config(model, cap.read)  # None: no cap set, or none applied
+    if value is None:
+        return _Head(head, sharded=sharded)
+    return _Head(head, float(value), cap.upcast, sharded)
+
+
+def _is_sharded(head: nn.Module) -> bool:
+    """An nn.Linear that FSDP2's ``fully_shard`` made an FSDPModule, with no hooks but FSDP's own."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is None or type(head).__bases__ != (getattr(fsdp, "FSDPModule", None), nn.Linear):
+        return False
+    hooks = [*head._forward_pre_hooks.values(), *head._forward_hooks.values()]
+    return all(getattr(h, "__module__", "").startswith("torch.distributed.fsdp.") for h in hooks)
 
 
 def _read_config(model: nn.Module, read: str):
@@ -699,9 +731,7 @@ def _fused_loss_call(model: nn.Module, head: _Head, call: dict, targets: torch.T
         call.pop(name, None)
     out = _base_model(model)(**call)
     hidden = out.last_hidden_state[0]  # (T, H)
-    loss = linear_cross_entropy(
-        hidden, head.linear.weight, targets[0], head.linear.bias, num_items, softcap=head.cap
-    )
+    loss = head.loss(hidden, targets[0], num_items)
     return _fused_output(loss, out)
 
 
