@@ -6,6 +6,8 @@ import transformers
 from helpers import grads, padded_batch, tiny_llama
 from packaging.version import Version
 from torch.testing import assert_close
+from transformers import Gemma2ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seqpack import loss as seqloss
 from seqpack import patch
@@ -242,12 +244,24 @@ def test_capped_logits_fuse_with_their_cap(model_type, cap):
         assert want.abs().max() <= cap
 
 
-def test_a_cap_in_another_form_keeps_the_models_own_loss():
-    """A forward that caps its logits in any form but transformers' three lines is not fused."""
-    from tiny_models import build_tiny_model
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+class _CapForms:
+    """Gemma 2 forwards capping their logits in the standard form and in others (adversarial review)."""
 
-    class HalfCapped(type(build_tiny_model("gemma2"))):
+    class StandardForCausalLM(Gemma2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits)
+                logits = logits * self.config.final_logit_softcapping
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class TanhPlusOneForCausalLM(Gemma2ForCausalLM):
         def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden_states = outputs.last_hidden_state
@@ -261,17 +275,113 @@ def test_a_cap_in_another_form_keeps_the_models_own_loss():
                 loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    class CapAfterTheLossForCausalLM(Gemma2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits)
+                logits = logits * self.config.final_logit_softcapping
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class CappedTwiceForCausalLM(Gemma2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits)
+                logits = logits * self.config.final_logit_softcapping
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits)
+                logits = logits * self.config.final_logit_softcapping
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class CapOnACopyForCausalLM(Gemma2ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            raw = self.lm_head(hidden_states)
+            logits = raw
+            if self.config.final_logit_softcapping is not None:
+                logits = logits / self.config.final_logit_softcapping
+                logits = torch.tanh(logits)
+                logits = logits * self.config.final_logit_softcapping
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(raw, labels, self.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("form", ["Standard", "TanhPlusOne", "CapAfterTheLoss", "CappedTwice", "CapOnACopy"])
+def test_only_the_standard_cap_on_the_heads_output_fuses(form):
+    """The cap fuses only as transformers writes it: the one gated block, the three lines, right
+    after the head's output is assigned and on that name. Any other form or place (capping after
+    the loss, twice, a copy the loss does not read) keeps the model's own loss. Each form's own
+    loss and gradients are matched either way, with logits large enough for the cap to bend."""
+    import copy
+
+    from tiny_models import build_tiny_model
+
+    cls = getattr(_CapForms, f"{form}ForCausalLM")
     config = build_tiny_model("gemma2").config
     config.final_logit_softcapping = 2.0
     torch.manual_seed(0)
-    reference = HalfCapped(config).train()
-    assert fused_loss_blocker(HalfCapped, "lm_head") is not None
-    assert fused_loss_blocker(HalfCapped, "lm_head", uncapped=True) is None  # the gate never runs
-    import copy
-
+    reference = cls(config).train()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(8)
+    assert fused_loss_blocker(cls, "lm_head", uncapped=True) is None  # the gate never runs
     patched = patch(copy.deepcopy(reference), compile=False)
     ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=config.vocab_size)
     ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
     out = patched(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is not None
+    assert (out.logits is None) == (form == "Standard"), fused_loss_blocker(cls, "lm_head")
     _assert_same_loss_and_grads(reference, patched, ref, out)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "afmoe"])
+@pytest.mark.parametrize("asked", [False, True], ids=["no_router_logits", "router_logits"])
+def test_router_logits_passed_on_to_the_output_fuse(model_type, asked):
+    """A mixture-of-experts forward that only passes the backbone's router logits on to its output
+    (``router_logits=outputs.router_logits``, no loss from them) fuses; asked for, the router
+    logits come back as the unpatched model's (B * L, E) on real tokens, with the loss fused and
+    with ``logits_to_keep``."""
+    import copy
+
+    from tiny_models import build_tiny_model
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    reference = build_tiny_model(model_type).train()
+    patched = patch(copy.deepcopy(reference), compile=False)
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13, vocab=reference.config.vocab_size)
+    extra = {"output_router_logits": True} if asked else {}
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    assert out.logits is None
+    real = mask.flatten().bool()
+    assert (out.get("router_logits") is None) == (ref.get("router_logits") is None)
+    for got, want in zip(out.get("router_logits") or (), ref.get("router_logits") or (), strict=True):
+        assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    _assert_same_loss_and_grads(reference, patched, ref, out)
+    kept = dict(input_ids=ids, attention_mask=mask, logits_to_keep=4, use_cache=False, **extra)
+    with torch.no_grad():
+        want, got = reference.eval()(**kept), patched.eval()(**kept)
+    assert list(got.keys())[0] == "logits"
+    assert_close(got.logits[mask[:, -4:].bool()], want.logits[mask[:, -4:].bool()], rtol=1e-4, atol=1e-5)
+    assert (got.get("router_logits") is None) == (want.get("router_logits") is None)
+    if asked and Version(transformers.__version__) >= Version("5.24"):  # 5.17's forwards return none
+        assert want.get("router_logits") is not None
+    for g, w in zip(got.get("router_logits") or (), want.get("router_logits") or (), strict=True):
+        assert_close(g[real], w[real], rtol=1e-5, atol=1e-6)

@@ -661,7 +661,7 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head 
     uncapped = all(getattr(c, "final_logit_softcapping", None) is None for c in configs)
     if fused_loss_blocker(type(model), name, uncapped) is not None:
         return None
-    cap = None if uncapped else logit_cap(type(model))
+    cap = None if uncapped else logit_cap(type(model), name)
     value = None if cap is None else _read_config(model, cap.read)  # None: no cap set, or none applied
     if value is None:
         return _Head(head, sharded=sharded)
@@ -751,8 +751,12 @@ def _kept_logits_call(model: nn.Module, head: _Head, call: dict, meta: VarlenMet
     slot = (row * keep + col - (length - keep))[kept]  # (K,) its place in the (B * k) layout
     logits = head.logits(out.last_hidden_state[0][kept])  # (K, V)
     padded = logits.new_zeros(batch * keep, logits.shape[-1]).index_copy(0, slot, logits)
-    hidden = tuple(unpack(h, meta) for h in out.hidden_states) if out.hidden_states is not None else None
-    return CausalLMOutputWithPast(logits=padded.view(batch, keep, -1), hidden_states=hidden)
+    result = CausalLMOutputWithPast(logits=padded.view(batch, keep, -1))
+    # the hidden states and the backbone's further fields (router logits ...), back padded; the
+    # logits set first, as the model orders its output
+    for key, value in _unpack_output(_fused_output(None, out), meta).items():
+        result[key] = value
+    return result
 
 
 def _unpack_output(output, meta: VarlenMetadata):

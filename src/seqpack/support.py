@@ -698,23 +698,48 @@ def _standard_cap(node) -> LogitCap | None:
     return None
 
 
-@functools.cache
-def logit_cap(cls: type) -> LogitCap | None:
-    """The cap ``cls.forward`` applies to its logits in transformers' gated form (one such block), or None."""
-    source = _source(cls.forward)
-    if not source:
+def _head_output_cap(tree, head: str) -> tuple[ast.If, LogitCap] | None:
+    """The forward's softcap gate and its LogitCap, when it is the forward's only one, in the
+    standard form, right after ``name = self.<head>(...)`` and on that name; else None (the fused
+    loss then cannot tell where the cap applies)."""
+    gates = [n for n in ast.walk(tree) if _is_softcap_gate(n)]
+    cap = _standard_cap(gates[0]) if len(gates) == 1 else None
+    if cap is None:
         return None
-    caps = [_standard_cap(n) for n in ast.walk(ast.parse(source)) if _is_softcap_gate(n)]
-    return caps[0] if len(caps) == 1 and caps[0] is not None else None
+    (gate,) = gates
+    name = ast.unparse(gate.body[0].targets[0])
+    for node in ast.walk(tree):
+        for block in (getattr(node, field, None) for field in ("body", "orelse", "finalbody")):
+            if not isinstance(block, list) or not any(n is gate for n in block):
+                continue
+            before = block[[id(n) for n in block].index(id(gate)) - 1] if block[0] is not gate else None
+            if (
+                isinstance(before, ast.Assign)
+                and len(before.targets) == 1
+                and ast.unparse(before.targets[0]) == name
+                and isinstance(before.value, ast.Call)
+                and _is_self_attr(before.value.func, head)
+            ):
+                return gate, cap
+    return None
+
+
+@functools.cache
+def logit_cap(cls: type, head: str) -> LogitCap | None:
+    """The cap ``cls.forward`` applies to its head's logits in transformers' gated form, or None."""
+    source = _source(cls.forward)
+    found = _head_output_cap(ast.parse(source), head) if source else None
+    return found[1] if found else None
 
 
 class _WithoutPassedOn(ast.NodeTransformer):
-    """The forward without the backbone's router logits passed on to its output
-    (``router_logits=outputs.router_logits``: Gemma 4's), which add no loss."""
+    """The forward without the backbone's router logits passed on to the output it returns
+    (``return ...(router_logits=outputs.router_logits)``: Gemma 4's), which add no loss."""
 
-    def visit_Call(self, node):
-        node.keywords = [k for k in node.keywords if not _is_passed_on(k)]
-        return self.generic_visit(node)
+    def visit_Return(self, node):
+        if isinstance(node.value, ast.Call):
+            node.value.keywords = [k for k in node.value.keywords if not _is_passed_on(k)]
+        return node
 
 
 def _is_passed_on(keyword) -> bool:
@@ -729,13 +754,14 @@ def _is_passed_on(keyword) -> bool:
 
 class _WithoutSoftcap(ast.NodeTransformer):
     """The forward without its gated capping: every such block when ``final_logit_softcapping`` is
-    None (it never runs), else only the standard one (``LogitCap``: the fused loss applies it)."""
+    None (it never runs), else only ``gate``, the standard one on the head's output (the fused
+    loss applies it)."""
 
-    def __init__(self, uncapped: bool):
-        self.uncapped = uncapped
+    def __init__(self, gate: ast.If | None = None):
+        self.gate = gate
 
     def visit_If(self, node):
-        if _is_softcap_gate(node) and (self.uncapped or _standard_cap(node) is not None):
+        if node is self.gate or (self.gate is None and _is_softcap_gate(node)):
             return None
         return self.generic_visit(node)
 
@@ -768,8 +794,11 @@ def fused_loss_blocker(cls: type, head: str, uncapped: bool = False) -> str | No
         return "its forward has no readable source"
     if router_loss_gated(cls):  # read as it runs without router logits; the caller checks that
         source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
-    source = ast.unparse(_WithoutSoftcap(uncapped).visit(ast.parse(source)))
-    source = ast.unparse(_WithoutPassedOn().visit(ast.parse(source)))
+    tree = ast.parse(source)
+    capped = None if uncapped else _head_output_cap(tree, head)
+    if uncapped or capped:
+        tree = _WithoutSoftcap(capped[0] if capped else None).visit(tree)
+    source = ast.unparse(_WithoutPassedOn().visit(tree))
     # the flag itself (a parameter, passed on to the backbone) is no router loss
     words = [w for w in _UNFUSABLE_WORDS if w in source.replace("output_router_logits", "")]
     if words:
