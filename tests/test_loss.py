@@ -66,6 +66,25 @@ def test_training_with_labels_skips_logits_and_matches_unpatched():
         assert_close(new_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("hook", ["backward", "backward_pre"])
+def test_a_backward_hook_on_the_head_keeps_the_models_own_loss(hook):
+    """A full backward hook on lm_head (here halving the logits' gradient) needs the logits it
+    hooks: the model's own head and loss run, and the gradients equal the unpatched model's
+    (adversarial review: the fused loss skipped the hook)."""
+    reference, patched = tiny_llama(), patch(tiny_llama(), compile=False)
+    for model in (reference, patched):
+        head = model.get_output_embeddings()
+        if hook == "backward":
+            head.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0] * 0.5,))
+        else:
+            head.register_full_backward_pre_hook(lambda m, grad_out: (grad_out[0] * 0.5,))
+    ids, mask, labels = padded_batch([7, 1, 13, 10], 13)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    _assert_same_loss_and_grads(reference, patched, ref, out)
+
+
 def test_logits_come_back_when_a_caller_needs_them():
     ids, mask, labels = padded_batch([7, 3], 7)
     model = patch(tiny_llama(), compile=False)

@@ -647,6 +647,8 @@ def _fusable_head(model: nn.Module, router_logits: bool | None = None) -> _Head 
         name is None
         or (type(head) is not nn.Linear and not sharded)
         or (not sharded and (head._forward_hooks or head._forward_pre_hooks))
+        or head._backward_hooks  # a user's: FSDP2's hooks are on tensors
+        or head._backward_pre_hooks
         or "forward" in head.__dict__
     ):
         return None
