@@ -161,18 +161,20 @@ def test_many_architectures_in_one_process_all_compile(monkeypatch):
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     torch._dynamo.reset()
     # A room of 2 instead of dynamo's 8: two architectures then overflow it as five did (each graph
-    # costs seconds to capture on two cores).
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    limit = torch._dynamo.config.recompile_limit
-    added = {}
-    for model_type in ("llama", "qwen3"):
-        model = patch(build_tiny_model(model_type).train())
-        before = counters["stats"]["unique_graphs"]
-        for lengths in ([5, 3], [7]):  # several sequences, then one
-            ids, mask, labels = padded_batch(lengths, 8, vocab=200)
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        added[model_type] = counters["stats"]["unique_graphs"] - before
+    # costs seconds to capture on two cores). config.patch, not monkeypatch: monkeypatch's undo
+    # deletes a torch config entry instead of restoring it.
+    added, default = {}, torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=2):
+        limit = torch._dynamo.config.recompile_limit
+        for model_type in ("llama", "qwen3"):
+            model = patch(build_tiny_model(model_type).train())
+            before = counters["stats"]["unique_graphs"]
+            for lengths in ([5, 3], [7]):  # several sequences, then one
+                ids, mask, labels = padded_batch(lengths, 8, vocab=200)
+                model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            added[model_type] = counters["stats"]["unique_graphs"] - before
+        assert torch._dynamo.config.recompile_limit == limit  # left as it was outside the forward
     assert all(n >= 1 for n in added.values()), added  # a model that ran eagerly compiled nothing
-    assert sum(added.values()) > limit, added  # more graphs than the default room
-    assert torch._dynamo.config.recompile_limit == limit  # left as it was outside the forward
+    assert sum(added.values()) > limit, added  # more graphs than the room
+    assert torch._dynamo.config.recompile_limit == default
     torch._dynamo.reset()
