@@ -609,21 +609,23 @@ class _Head(NamedTuple):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, num_items) -> torch.Tensor:
         """() fp32 fused loss of (N, H) hidden states and (N,) targets."""
         head = self.linear
+
+        def fused(h):  # head.weight read at the call: inside FSDP's, the gathered one
+            return linear_cross_entropy(h, head.weight, targets, head.bias, num_items, softcap=self.cap)
+
         if not self.sharded:
-            return linear_cross_entropy(hidden, head.weight, targets, head.bias, num_items, softcap=self.cap)
+            return fused(hidden)
         # FSDP2 gathers the weight only inside the head's call, and its hooks there set up the
         # gradient's reduction: the fused loss runs as the head's forward for this call. It
         # returns an empty tensor made from the loss, so FSDP's cast to its output_dtype (bf16
         # under accelerate) leaves the fp32 loss alone while its backward hook is in the graph.
         losses = []
 
-        def fused(h):
-            losses.append(
-                linear_cross_entropy(h, head.weight, targets, head.bias, num_items, softcap=self.cap)
-            )
+        def as_forward(h):
+            losses.append(fused(h))
             return losses[0].repeat(0)  # (0,), a copy (FSDP warns of a view)
 
-        head.forward = fused
+        head.forward = as_forward
         try:
             anchor = head(hidden)
         finally:

@@ -93,8 +93,9 @@ def _chunk_fusable(logits, targets, ignore_index: int, softcap: float | None = N
     A softcap is recomputed in each pass rather than kept (c, V) in memory.
     """
     x = logits.float()
-    tanh = torch.tanh(x / softcap) if softcap is not None else None
-    x = tanh * softcap if softcap is not None else x
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = tanh * softcap
     lse = torch.logsumexp(x, dim=-1)  # (c,)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)

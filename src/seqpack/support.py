@@ -708,13 +708,14 @@ def _head_output_cap(tree, head: str) -> tuple[ast.If, LogitCap] | None:
         return None
     (gate,) = gates
     name = ast.unparse(gate.body[0].targets[0])
-    for node in ast.walk(tree):
-        for block in (getattr(node, field, None) for field in ("body", "orelse", "finalbody")):
-            if not isinstance(block, list) or not any(n is gate for n in block):
-                continue
-            before = block[[id(n) for n in block].index(id(gate)) - 1] if block[0] is not gate else None
+    blocks = (
+        getattr(node, field, None) for node in ast.walk(tree) for field in ("body", "orelse", "finalbody")
+    )
+    for block in (b for b in blocks if isinstance(b, list)):
+        for before, statement in zip(block, block[1:], strict=False):  # consecutive statements
             if (
-                isinstance(before, ast.Assign)
+                statement is gate
+                and isinstance(before, ast.Assign)
                 and len(before.targets) == 1
                 and ast.unparse(before.targets[0]) == name
                 and isinstance(before.value, ast.Call)
@@ -726,8 +727,9 @@ def _head_output_cap(tree, head: str) -> tuple[ast.If, LogitCap] | None:
 
 @functools.cache
 def logit_cap(cls: type, head: str) -> LogitCap | None:
-    """The cap ``cls.forward`` applies to its head's logits in transformers' gated form, or None."""
-    source = _source(cls.forward)
+    """The cap ``cls.forward`` applies to its head's logits in transformers' gated form, or None.
+    Read from the same source as ``fused_loss_blocker`` reads, so both find the same gate."""
+    source = _trained_source(cls)
     found = _head_output_cap(ast.parse(source), head) if source else None
     return found[1] if found else None
 
@@ -775,6 +777,16 @@ def router_loss_gated(cls: type) -> bool:
 
 
 @functools.cache
+def _trained_source(cls: type) -> str | None:
+    """``cls.forward``'s source as the fused loss would replace it: a router loss gated on
+    ``output_router_logits`` read as absent (a call that asks for router logits is not fused)."""
+    source = _source(cls.forward)
+    if source and router_loss_gated(cls):
+        source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
+    return source
+
+
+@functools.cache
 def fused_loss_blocker(cls: type, head: str, uncapped: bool = False) -> str | None:
     """Why ``cls.forward`` is not exactly ``self.loss_function(self.<head>(last hidden state))``.
 
@@ -789,11 +801,9 @@ def fused_loss_blocker(cls: type, head: str, uncapped: bool = False) -> str | No
     (Gemma 3's) is read as absent too; with a cap set, only a block in transformers' standard form
     (``logit_cap``, which the fused loss then applies) is.
     """
-    source = _source(cls.forward)
+    source = _trained_source(cls)
     if not source:
         return "its forward has no readable source"
-    if router_loss_gated(cls):  # read as it runs without router logits; the caller checks that
-        source = ast.unparse(_WithoutRouterLoss().visit(ast.parse(source)))
     tree = ast.parse(source)
     capped = None if uncapped else _head_output_cap(tree, head)
     if uncapped or capped:
