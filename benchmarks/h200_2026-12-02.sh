@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU runs behind BENCHMARKS.md's 2026-12-02 tables (H200, torch 2.11, transformers 5.17).
+# Usage: PYTHONPATH=src bash benchmarks/h200_2026-12-02.sh OUTDIR [PART ...]
+# Each part writes OUTDIR/<part>.json and .log; a part that runs past its limit is cut, not the rest.
+set -u
+out=${1:?output directory}; shift
+mkdir -p "$out"
+bench() {  # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2; shift 2
+    echo "== $name: seqpack-bench $*" | tee "$out/$name.log"
+    timeout "$limit" python -m seqpack.bench "$@" --json "$out/$name.json" >>"$out/$name.log" 2>&1
+    echo "rc=$?" >>"$out/$name.log"
+    grep -E "^\||agreement|FAILED|stall|Error" "$out/$name.log" | head -40
+}
+for part in "$@"; do
+    case $part in
+    # the GPU tests: the sweep and tests/test_gpu.py side by side (small models; nothing here is timed)
+    tests)
+        SEQPACK_SWEEP_OUT="$out/gpu_sweep_table.txt" timeout 420 python -m pytest -m gpu -s -o addopts="" \
+            tests/test_gpu_sweep.py -p no:cacheprovider >"$out/gpu_sweep.txt" 2>&1 &
+        timeout 420 python -m pytest -m gpu -o addopts="" -rs tests/test_gpu.py -p no:cacheprovider \
+            >"$out/gpu_tests.txt" 2>&1
+        wait
+        tail -8 "$out/gpu_sweep.txt"; tail -8 "$out/gpu_tests.txt" ;;
+    # issue 10: gemma-2 with its capped logits on the fused loss (softcapped attention: reference path)
+    gemma2) bench gemma-2-2b_b16 230 --model gemma-2-2b --batch-size 16 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 10's presets, all three modes
+    qwen3_8b) bench qwen3-8b_b8 210 --model qwen3-8b --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    gemma3) bench gemma-3-4b_b16 200 --model gemma-3-4b --batch-size 16 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    qwen3moe) bench qwen3-30b-a3b_l8_b16 170 --model qwen3-30b-a3b --layers 8 --batch-size 16 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    deepseek) bench deepseek-v2-lite_l12_b16 200 --model deepseek-v2-lite --layers 12 --batch-size 16 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 10: MFU at a realistic step size
+    mfu) bench mistral-7b_b32 120 --model mistral-7b --batch-size 32 --modes seqpack ;;
+    # issue 15: the RL shape (short prompts, long completions, loss on completions only)
+    rl) bench llama-3.2-1b_rl_b8 200 --model llama-3.2-1b --data rl --batch-size 8 --modes padding-no-cudnn,hf-packing,seqpack ;;
+    # issue 15: mistral-7b on long data, steady state, transformers' packing against seqpack
+    mistralprof)
+        timeout 200 python benchmarks/profile_step.py --model mistral-7b --data long --batch-size 2 \
+            --modes hf-packing,seqpack --warmup 3 --steps 3 --rows 30 >"$out/profile_mistral-7b_long_b2.txt" 2>&1
+        grep -E "=====|x cuda|x aten" "$out/profile_mistral-7b_long_b2.txt" | head -40 ;;
+    *) echo "unknown part $part" ;;
+    esac
+done
