@@ -949,3 +949,14 @@ def test_hf_packing_of_a_hybrid_is_marked_not_exact_without_its_kernels(monkeypa
     assert "NOT EXACT" not in modes._describe_hf_packing(
         _tiny_model(), modes.ModeOptions(device=torch.device("cpu"))
     )
+
+
+def test_explain_names_compile_time_per_mode():
+    """--explain's compile time is each mode's own: dynamo's timers add up over the process."""
+    from seqpack.bench import cli
+
+    cli._compile_phases()  # what earlier tests compiled
+    torch.compile(lambda x: x.sin() + 1, backend="aot_eager")(torch.randn(3))
+    first = cli._compile_phases()
+    assert first["all"] > 0 and "tracing" in first
+    assert cli._compile_phases()["all"] == 0  # nothing compiled since

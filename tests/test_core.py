@@ -1,6 +1,7 @@
 """Per-case tests of patch(): parity with the unpatched model and with each sequence run alone."""
 
 import copy
+import importlib.machinery
 import subprocess
 import sys
 import types
@@ -296,9 +297,11 @@ def flash_stand_in(monkeypatch):
         return out
 
     flash_attn_varlen_func._seqpack_stand_in = True
-    monkeypatch.setitem(
-        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
-    )
+    module = types.ModuleType("flash_attn")
+    # transformers' find_spec checks of optional packages read sys.modules' entry: it needs a spec
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
     attention._varlen_fn.cache_clear()
     yield calls
     attention._varlen_fn.cache_clear()
@@ -319,6 +322,61 @@ def test_flash_attn_adapter_plumbing(flash_stand_in):
     assert call["window"] == (-1, 0) and call["scale"] == 16**-0.5 and call["dropout"] == 0.0
     real = mask.bool()
     assert (out[real].float() - ref[real].float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "sliding"])
+@pytest.mark.parametrize("value_dim", [288, 160], ids=["same-dim", "narrower-v"])
+def test_rows_sdpa_matches_each_sequence_alone(window, value_dim):
+    """The path for heads wider than the varlen kernels (Gemma 4's 512): SDPA over the padded
+    layout, outputs and q/k/v gradients against each sequence's own masked attention (fp32)."""
+    g = torch.Generator().manual_seed(0)
+    total, heads, kv_heads, dim, scale = sum(LENGTHS), 4, 2, 288, 0.3
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    leaves = [
+        torch.randn(1, h, total, d, generator=g, requires_grad=True)
+        for h, d in ((heads, dim), (kv_heads, dim), (kv_heads, value_dim))
+    ]
+    upstream = torch.randn(1, total, heads, value_dim, generator=g)
+    out = attention._rows_sdpa(*leaves, cu, max(LENGTHS), scaling=scale, dropout=0.0, sliding_window=window)
+    got = [out, *torch.autograd.grad((out * upstream).sum(), leaves)]
+
+    q, k, v = (t.detach().clone().requires_grad_() for t in leaves)
+    parts = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        pos = torch.arange(e - s)
+        allowed = pos[None] <= pos[:, None]
+        if window:
+            allowed &= pos[:, None] - pos[None] < window
+        ks, vs = (t[0, :, s:e].repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+        scores = (q[0, :, s:e] @ ks.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        parts.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    want_out = torch.cat(parts)[None]
+    want = [want_out, *torch.autograd.grad((want_out * upstream).sum(), [q, k, v])]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 over 288-wide heads
+
+
+def test_wide_heads_take_sdpa_not_the_kernel(flash_stand_in, monkeypatch):
+    """A kernel backend with heads over 256 wide: no kernel call, the padded-layout SDPA instead,
+    giving what the unpatched model gives (bf16: the kernel backends take half precision only)."""
+    rows_calls = []
+    rows_sdpa = attention._rows_sdpa
+    monkeypatch.setattr(attention, "_rows_sdpa", lambda *a, **k: rows_calls.append(1) or rows_sdpa(*a, **k))
+    reference = tiny_llama(head_dim=264).to(torch.bfloat16)
+    patched = patch(copy.deepcopy(reference), backend="flash_attn", **EAGER)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not flash_stand_in and len(rows_calls) == 2  # the kernel never asked; each layer on SDPA
+    wide = torch.zeros(1, 4, 3, 264, dtype=torch.bfloat16)
+    capped = attention._unsupported_feature(attention.plan("flash_attn"), wide, wide, 0.0, 50.0, None)
+    assert capped == "head_dim 264 > 256 with logit softcapping"  # SDPA has no softcap: reference path
+    real = mask.bool()
+    assert (out.logits[real].float() - ref.logits[real].float()).abs().max() < 0.1
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, a), b in zip(grads(patched).items(), grads(reference).values(), strict=True):
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2, name
 
 
 def test_import_has_no_side_effects():

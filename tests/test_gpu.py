@@ -102,6 +102,34 @@ def test_half_precision_parity(model_type, backend, compiled, dtype):
         assert patched_err <= 2 * unpatched_err + floor, (name, patched_err, unpatched_err)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_wide_heads_bf16(model_type, compiled):
+    """Heads wider than the varlen kernels take (512, as Gemma 4's global layers): SDPA over the
+    padded layout (``attention._rows_sdpa``), by the same 2x rule; mistral adds a sliding window."""
+    if "torch" not in attention.available_backends():
+        pytest.skip("torch's varlen kernel is not available here")
+    fp32 = _build(model_type, {**MODELS[model_type], "head_dim": 512})
+    ids, mask, labels = _batch(fp32.config.vocab_size)
+    ref_logits, ref_loss, ref_grad = _run(fp32, ids, mask, labels)
+    base_logits, base_loss, base_grad = _run(copy.deepcopy(fp32).to(torch.bfloat16), ids, mask, labels)
+    patched = patch(copy.deepcopy(fp32).to(torch.bfloat16), compile=compiled, keep_logits=True)
+    calls = []
+    original = attention._rows_sdpa
+    attention._rows_sdpa = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        logits, loss, grad = _run(patched, ids, mask, labels)
+    finally:
+        attention._rows_sdpa = original
+    assert calls or compiled, "the wide heads did not take the SDPA path"
+    for name, (a, b, ref) in {
+        "logits": (logits, base_logits, ref_logits),
+        "grads": (grad, base_grad, ref_grad),
+    }.items():
+        assert _err(a, ref) <= 2 * _err(b, ref) + 1e-6, (name, _err(a, ref), _err(b, ref))
+    assert abs(loss - ref_loss).item() <= 2 * abs(base_loss - ref_loss).item() + 1e-4 * ref_loss.item()
+
+
 @pytest.mark.parametrize("window", [(-1, 0), (127, 0)], ids=["causal", "sliding"])
 def test_sinks_kernel_bf16(window):
     """gpt-oss's sinks on torch's varlen kernel: output and the q, k, v and sink gradients."""

@@ -16,6 +16,9 @@ Backends, best first:
 
 A kernel that lacks a feature a layer needs (a softcap, attention sinks, dropout, fp32) is never
 asked to approximate it: that call runs on the reference path, and the switch is logged once.
+Heads wider than the kernels take (over 256: Gemma 4's global layers) run torch's SDPA over the
+padded layout of the packed sequences instead (``_rows_sdpa``), unless they also need a softcap
+or sinks (then the reference path).
 """
 
 from __future__ import annotations
@@ -377,8 +380,11 @@ def _unsupported_feature(layer_plan: LayerPlan, query, value, dropout, softcap, 
         return None
     if query.dtype not in (torch.float16, torch.bfloat16):
         return f"{query.dtype} inputs"
-    if max(query.shape[-1], value.shape[-1]) > 256:
-        return f"head_dim {max(query.shape[-1], value.shape[-1])} > 256"
+    wide = max(query.shape[-1], value.shape[-1])
+    if wide > MAX_HEAD_DIM and (softcap or s_aux is not None):
+        return (
+            f"head_dim {wide} > {MAX_HEAD_DIM} with {'logit softcapping' if softcap else 'attention sinks'}"
+        )
     if s_aux is not None and not layer_plan.sinks:
         return "attention sinks"
     if softcap and backend == "torch":
@@ -386,6 +392,38 @@ def _unsupported_feature(layer_plan: LayerPlan, query, value, dropout, softcap, 
     if dropout and backend != "flash_attn":
         return "attention dropout"
     return None
+
+
+MAX_HEAD_DIM = 256  # the varlen FlashAttention kernels' widest head (FA2, torch's, FA3)
+
+
+def _rows_sdpa(query, key, value, cu_seqlens, max_seqlen, *, scaling, dropout, sliding_window):
+    """Heads wider than the varlen kernels take (Gemma 4's global layers: 512): torch's SDPA over
+    the padded (N, S) layout of the packed sequences, which picks its memory-efficient kernel for
+    any head dim (math where none fits) instead of materialising the scores as the model's eager
+    attention does. Exact as the reference path is: each sequence starts its row, so the causal
+    mask keeps every real query off the padding after it.
+
+    query, key: (1, H, T, D); value: (1, Hkv, T, Dv). Returns (1, T, Hq, Dv).
+    """
+    layout = row_layout(cu_seqlens, max_seqlen, query.shape[2])
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
+        return to_rows(x[0].transpose(0, 1), layout).transpose(1, 2)
+
+    q, k, v = rows(query), rows(key), rows(value)
+    if k.shape[1] != q.shape[1]:  # expanded here: SDPA's memory-efficient kernel takes no enable_gqa
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = None
+    if sliding_window:
+        pos = torch.arange(q.shape[2], device=q.device)
+        offset = pos[:, None] - pos[None, :]
+        mask = (offset >= 0) & (offset < sliding_window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+    )  # (N, Hq, S, Dv)
+    return from_rows(out.transpose(1, 2), layout).unsqueeze(0)
 
 
 # --------------------------------------------------------------------------- the registered function
@@ -511,6 +549,15 @@ def varlen_attention_forward(
         out = reference(
             module, query, key, value, cu_seqlens, max_seqlen,
             scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )  # fmt: skip
+    elif max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        _log_once(
+            f"seqpack: backend '{backend}' cannot do head_dim {max(query.shape[-1], value.shape[-1])} > "
+            f"{MAX_HEAD_DIM} ({type(module).__name__}); using SDPA over the padded layout there"
+        )
+        out = _rows_sdpa(
+            query, key, value, cu_seqlens, max_seqlen,
+            scaling=scaling, dropout=dropout, sliding_window=sliding_window,
         )  # fmt: skip
     else:
         out = _kernel_attention(

@@ -335,6 +335,9 @@ def _compile_summary(model: str, mode: str, result) -> str:
         f"  {model} / {mode}: {graphs} graphs ({result.graphs_in_timed_steps} in the timed steps), "
         f"{breaks} graph breaks, {recompiles} recompiles"
     )
+    spent = _compile_phases()
+    if spent:
+        line += "; compile time: " + ", ".join(f"{name} {t:.1f}s" for name, t in spent.items())
     if torch.cuda.is_available():
         # A stall's other usual suspect: the caching allocator, out of cached blocks, frees them
         # all and retries (a device-wide sync). Counts since the process started.
@@ -344,6 +347,33 @@ def _compile_summary(model: str, mode: str, result) -> str:
             f"{stats.get('num_device_alloc', 0)} cudaMalloc, {stats.get('num_device_free', 0)} cudaFree"
         )
     return line + (f": {reasons}" if reasons else "")
+
+
+# torch.compile's phases worth naming in a warm-up (dynamo's own timer names; absent ones skipped):
+# everything, dynamo tracing Python, AOT autograd (forward/backward split), inductor's code
+# generation, and the wait on the compiled kernels (Triton on CUDA, C++ on the CPU).
+_PHASES = {
+    "_compile.compile_inner": "all",
+    "bytecode_tracing": "tracing",
+    "create_aot_dispatcher_function": "AOT",
+    "GraphLowering.codegen": "codegen",
+    "async_compile.wait": "kernels",
+}
+_phases_seen: dict[str, float] = {}
+
+
+def _compile_phases() -> dict[str, float]:
+    """Seconds each phase took since the last call (dynamo's timers add up over the process)."""
+    try:
+        names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    except Exception:  # a torch without the timers, or with another signature: say nothing
+        return {}
+    total = dict(zip(names, (float(v) for v in values), strict=False))
+    spent = {
+        label: total[name] - _phases_seen.get(name, 0.0) for name, label in _PHASES.items() if name in total
+    }
+    _phases_seen.update({name: total[name] for name in _PHASES if name in total})
+    return spent
 
 
 def _make_plan(args: argparse.Namespace, token_data: data_lib.TokenData) -> list:
