@@ -518,3 +518,16 @@ def test_prepacked_flash_kwargs_that_lie_are_refused(cu_seqlens, max_length, mes
     )
     with pytest.raises(ValueError, match=message):
         patched(**batch)
+
+
+def test_rows_sdpa_compiles_whole_with_dynamic_shapes():
+    """The wide-head path inside a compiled layer: one graph, no break, over two packed shapes."""
+    fn = torch.compile(attention._rows_sdpa, backend="aot_eager", dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for lengths in (LENGTHS, [3, 9, 2]):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        q, k, v = (torch.randn(1, h, sum(lengths), 272, generator=g) for h in (4, 2, 2))
+        kwargs = dict(scaling=0.1, dropout=0.0, sliding_window=4)
+        assert_close(
+            fn(q, k, v, cu, max(lengths), **kwargs), attention._rows_sdpa(q, k, v, cu, max(lengths), **kwargs)
+        )

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .packing import from_rows, row_layout, to_rows
 
@@ -420,9 +421,12 @@ def _rows_sdpa(query, key, value, cu_seqlens, max_seqlen, *, scaling, dropout, s
         pos = torch.arange(q.shape[2], device=q.device)
         offset = pos[:, None] - pos[None, :]
         mask = (offset >= 0) & (offset < sliding_window)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
-    )  # (N, Hq, S, Dv)
+    # Not cuDNN's: it builds a plan per new shape, seconds on some (measured on the H100, see the
+    # bench's padding-no-cudnn mode), and the rows' shape changes every batch.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+        )  # (N, Hq, S, Dv)
     return from_rows(out.transpose(1, 2), layout).unsqueeze(0)
 
 
