@@ -279,7 +279,8 @@ def test_model_dropping_kwargs_is_caught(monkeypatch):
 
 @pytest.fixture
 def flash_stand_in(monkeypatch):
-    """A CPU stand-in for the flash-attn package: records its arguments, computes on the reference."""
+    """A CPU stand-in for the flash-attn package: records its arguments, computes causal attention
+    with its ``window_size`` (left, 0) as flash-attn does: a query sees itself and ``left`` before."""
     calls = []
 
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
@@ -291,8 +292,10 @@ def flash_stand_in(monkeypatch):
             qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
             ks = ks.repeat_interleave(q.shape[1] // k.shape[1], 0)
             vs = vs.repeat_interleave(q.shape[1] // k.shape[1], 0)
+            offset = torch.arange(e - s)[:, None] - torch.arange(e - s)[None, :]
+            allowed = (offset >= 0) & ((offset <= window_size[0]) if window_size[0] >= 0 else True)
             out[s:e] = torch.nn.functional.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=softmax_scale
+                qs, ks, vs, attn_mask=allowed, scale=softmax_scale
             ).transpose(0, 1)
         return out
 
@@ -354,6 +357,25 @@ def test_rows_sdpa_matches_each_sequence_alone(window, value_dim):
     want = [want_out, *torch.autograd.grad((want_out * upstream).sum(), [q, k, v])]
     for a, b in zip(got, want, strict=True):
         assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 over 288-wide heads
+
+
+def test_flash_attn_sliding_window_plumbing(flash_stand_in):
+    """A window shorter than the sequences reaches flash-attn as (W - 1, 0), and the stand-in,
+    which honours it, gives what the unpatched model's own sliding mask gives."""
+    config = AutoConfig.for_model(
+        "mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, pad_token_id=0, sliding_window=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
+    patched = patch(copy.deepcopy(reference), backend="flash_attn", **EAGER)
+    ids, mask, _ = padded_batch(LENGTHS, L)
+    with torch.no_grad():
+        out = patched(input_ids=ids, attention_mask=mask).logits
+        ref = reference(input_ids=ids, attention_mask=mask).logits
+    assert flash_stand_in[0]["window"] == (3, 0)
+    real = mask.bool()
+    assert (out[real].float() - ref[real].float()).abs().max() < 0.1
 
 
 def test_wide_heads_take_sdpa_not_the_kernel(flash_stand_in, monkeypatch):
