@@ -553,3 +553,39 @@ def test_rows_sdpa_compiles_whole_with_dynamic_shapes():
         assert_close(
             fn(q, k, v, cu, max(lengths), **kwargs), attention._rows_sdpa(q, k, v, cu, max(lengths), **kwargs)
         )
+
+
+def test_a_packed_forward_in_one_thread_leaves_another_threads_models_alone():
+    """Two models training in two threads: while one thread is inside a packed forward, the other
+    thread's patched model still packs (the packing depth is per thread)."""
+    import threading
+
+    model_a = patch(tiny_llama(), compile=False)
+    model_b = patch(tiny_llama(seed=1), compile=False)
+    ids, mask, labels = padded_batch(LENGTHS, L)
+    inside, release, failures = threading.Event(), threading.Event(), []
+
+    def hold(*_):
+        inside.set()
+        release.wait(30)
+
+    handle = model_a.model.layers[0].register_forward_pre_hook(hold)
+
+    def run_a():
+        try:
+            model_a(input_ids=ids, attention_mask=mask, labels=labels)
+        except Exception as e:  # reported below, in the main thread
+            failures.append(e)
+
+    thread = threading.Thread(target=run_a)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        out_b = model_b(input_ids=ids, attention_mask=mask, labels=labels)
+    finally:
+        release.set()
+        thread.join(30)
+        handle.remove()
+    assert not failures
+    assert out_b.logits is None  # packed, fused loss: not passed through as if nested in A's forward
+    assert_close(out_b.loss, unpatch(model_b)(input_ids=ids, attention_mask=mask, labels=labels).loss)

@@ -29,6 +29,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -456,24 +457,32 @@ def plan(backend: str, window: int | None = None, window_from_mask: bool = False
 
 
 PLAN_ATTR = "_seqpack_plan"
-_packed_depth = 0  # > 0 while a patched model runs a packed forward
+
+
+class _Depth(threading.local):
+    """How many packed forwards this thread is inside: per thread, so a model running unpacked in
+    one thread is not taken for packed while another thread packs (mixers.py keeps its rows so too)."""
+
+    def __init__(self):
+        self.value = 0
+
+
+_packed_depth = _Depth()
 
 
 def packing() -> bool:
-    """Whether a patched model's packed forward is running."""
-    return _packed_depth > 0
+    """Whether a patched model's packed forward is running in this thread."""
+    return _packed_depth.value > 0
 
 
 class PackedForward:
     """Context of one packed forward: lets the attention function catch a model that drops kwargs."""
 
     def __enter__(self):
-        global _packed_depth
-        _packed_depth += 1
+        _packed_depth.value += 1
 
     def __exit__(self, *exc):
-        global _packed_depth
-        _packed_depth -= 1
+        _packed_depth.value -= 1
 
 
 def varlen_attention_forward(
@@ -503,7 +512,7 @@ def varlen_attention_forward(
         kwargs.pop(name, None)
     layer_plan = getattr(module, PLAN_ATTR, None) or plan("reference")
     if cu_seqlens is None:
-        if _packed_depth:
+        if packing():
             raise RuntimeError(
                 f"seqpack: {type(module).__name__} was called without the packing metadata "
                 "(cu_seq_lens_q): this model does not forward attention kwargs, so it cannot be packed. "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -211,19 +212,26 @@ def _signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-_passthrough_depth = 0  # > 0 while an original forward runs for a passed-through call
+class _Calls(threading.local):
+    """Where this thread's calls stand: per thread, so two models running in two threads never
+    read each other's (attention.py keeps its packing depth so too)."""
+
+    def __init__(self):
+        self.passthrough = 0  # > 0 while an original forward runs for a passed-through call
+        self.media: _MediaCall | None = None  # the outermost call with images, video or audio
+
+
+_calls = _Calls()
 
 
 class _Passthrough:
     """Inside an unpacked call, the wrappers it reaches (the backbone's) pass through as well."""
 
     def __enter__(self):
-        global _passthrough_depth
-        _passthrough_depth += 1
+        _calls.passthrough += 1
 
     def __exit__(self, *exc):
-        global _passthrough_depth
-        _passthrough_depth -= 1
+        _calls.passthrough -= 1
 
 
 class _MediaCall:
@@ -235,20 +243,15 @@ class _MediaCall:
     """
 
     def __enter__(self):
-        global _media_call
-        self.outer = _media_call
-        if _media_call is None:
-            _media_call = self
+        self.outer = _calls.media
+        if _calls.media is None:
+            _calls.media = self
             self.meta = None
-        return _media_call
+        return _calls.media
 
     def __exit__(self, *exc):
-        global _media_call
         if self.outer is None:
-            _media_call = None
-
-
-_media_call: _MediaCall | None = None
+            _calls.media = None
 
 
 class _NamedSeqpack:
@@ -274,9 +277,9 @@ def _packed_forward(self, *args, **kwargs):
     original = (
         wrap.previous if wrap is not None and wrap.previous is not None else type(self).forward.__get__(self)
     )
-    if wrap is None or not wrap.active or _passthrough_depth or attention.packing():
+    if wrap is None or not wrap.active or _calls.passthrough or attention.packing():
         return original(*args, **kwargs)  # unpatched, or inside a call that is passed through or packed
-    if wrap.inner and _media_call is None:
+    if wrap.inner and _calls.media is None:
         return original(*args, **kwargs)  # a language model called on its own, or by a text-only call
     signature = _signature(type(self))
     inputs = signature.bind_partial(self, *args, **kwargs).arguments
@@ -472,8 +475,8 @@ def _packed_call(module: nn.Module, original, wrap: _Wrap, inputs: dict, args, k
     record = wrap.record
     batch, length, device = _check_inputs(inputs, wrap.head)
     meta = _metadata(inputs, batch, length, device)
-    if wrap.inner and _media_call is not None:
-        _media_call.meta = meta  # for the fused loss of the causal LM above (_media_forward)
+    if wrap.inner and _calls.media is not None:
+        _calls.media.meta = meta  # for the fused loss of the causal LM above (_media_forward)
     if meta.total == 0:
         # All padding: nothing to pack. The unpatched model's own answer (its loss), zero outputs.
         with _Passthrough():
