@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from seqpack.bench import modes as bench_modes
-from seqpack.bench.data import load_default, make_batches
+from seqpack.bench.data import load_default, make_batches, with_ids
 from seqpack.bench.presets import load_model, vocab_size
 from seqpack.bench.run import _make_optimizer
 
@@ -38,7 +38,7 @@ def _batches(args):
         max_length=args.max_length,
     )
     vocab = vocab_size(args.model)
-    return [[[t % vocab for t in e] for e in b] for b in batches]
+    return [[with_ids(e, [t % vocab for t in e]) for e in b] for b in batches]  # keeps --data rl's prompts
 
 
 SYNCS = (
