@@ -1,17 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind BENCHMARKS.md's 2026-12-01 tables (H200, torch 2.11, transformers 5.17).
 # Usage: PYTHONPATH=src bash benchmarks/h200_2026-12-01.sh OUTDIR [PART ...]
-# Each part writes OUTDIR/<part>.json and .log; a part that runs past its limit is cut, not the rest.
-set -u
-out=${1:?output directory}; shift
-mkdir -p "$out"
-bench() {  # bench NAME LIMIT_S ARGS...
-    local name=$1 limit=$2; shift 2
-    echo "== $name: seqpack-bench $*" | tee "$out/$name.log"
-    timeout "$limit" python -m seqpack.bench "$@" --json "$out/$name.json" >>"$out/$name.log" 2>&1
-    echo "rc=$?" >>"$out/$name.log"
-    grep -E "^\||agreement|FAILED" "$out/$name.log" | head -40
-}
+source "$(dirname "$0")/bench_parts.sh"  # OUTDIR, then the parts: "$@"
 parts=${*:-gptoss qwen35 fsdp2}
 for part in $parts; do
     case $part in

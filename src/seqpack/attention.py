@@ -158,20 +158,47 @@ def _reference_attention(
 _uncompiled_reference = torch.compiler.disable(_reference_attention)
 
 
-def _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra):
-    """Packed (1, H, T, D) -> (N, H, S, D) rows of S = max_seqlen, masked attention, and back.
+def _on_rows(attend: Callable, query, key, value, cu_seqlens, max_seqlen):
+    """Packed (1, H, T, D) -> (N, H, S, D) rows of S = max_seqlen, ``attend`` over them, and back.
 
+    Each sequence starts its row, so a causal mask alone keeps its queries off the padding.
+
+    Args:
+        attend: (N, Hq, S, D), (N, Hkv, S, D), (N, Hkv, S, Dv) -> (N, S, Hq, Dv).
     Returns:
-        (1, T, Hq, D).
+        (1, T, Hq, Dv).
     """
     layout = row_layout(cu_seqlens, max_seqlen, query.shape[2])
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
         return to_rows(x[0].transpose(0, 1), layout).transpose(1, 2)
 
-    # Each sequence starts its row, so the causal mask alone keeps its queries off the padding.
-    out = _masked_attention(module, rows(query), rows(key), rows(value), **extra)  # (N, S, Hq, D)
-    return from_rows(out, layout).unsqueeze(0)  # (1, T, Hq, D)
+    return from_rows(attend(rows(query), rows(key), rows(value)), layout).unsqueeze(0)
+
+
+def _padded_layout_attention(module, query, key, value, cu_seqlens, max_seqlen, **extra):
+    """The model's eager attention (``_masked_attention``) on the rows layout. Returns (1, T, Hq, D)."""
+    attend = functools.partial(_masked_attention, module, **extra)
+    return _on_rows(attend, query, key, value, cu_seqlens, max_seqlen)
+
+
+def _causal_mask(width: int, sliding_window: int | None, device) -> torch.Tensor:
+    """(n, n) bool: a query sees itself and the keys before it (``sliding_window - 1`` of them)."""
+    pos = torch.arange(width, device=device)
+    offset = pos[:, None] - pos[None, :]
+    allowed = offset >= 0
+    if sliding_window:
+        allowed = allowed & (offset < sliding_window)
+    return allowed
+
+
+def _repeat_kv(query, key, value):
+    """K and V with one head per query head; heads on dim 1 (the kernels' (T, H, D), the rows'
+    (N, H, S, D)), each KV head repeated for its group, as transformers' repeat_kv does."""
+    if key.shape[1] == query.shape[1]:
+        return key, value
+    groups = query.shape[1] // key.shape[1]
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
 
 
 def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_window, **kwargs):
@@ -180,12 +207,8 @@ def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_wi
     Returns:
         (B, n, H, D).
     """
-    width = query.shape[2]
     device = query.device
-    pos = torch.arange(width, device=device)
-    allowed = (pos[None, :] <= pos[:, None])[None, None]  # (1, 1, n, n)
-    if sliding_window:
-        allowed = allowed & (pos[:, None] - pos[None, :] < sliding_window)
+    allowed = _causal_mask(query.shape[2], sliding_window, device)[None, None]  # (1, 1, n, n)
     eager = _eager_function(module)
     if eager is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -201,8 +224,7 @@ def _masked_attention(module, query, key, value, *, scaling, dropout, sliding_wi
     if key.shape[1] != query.shape[1] and not _REPEATS_KV.get(eager, True):
         # An eager function written for a tower without GQA, which the model's text layers share
         # (unlimited_ocr's): repeat the KV heads as repeat_kv would, so it sees one per query head.
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        key, value = _repeat_kv(query, key, value)
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=device)
     mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)  # (1, 1, n, n)
     out, _ = eager(
@@ -338,11 +360,8 @@ def _kernel_attention(
         q = torch.nn.functional.pad(q, (0, value_dim - q.shape[-1]))
         k = torch.nn.functional.pad(k, (0, value_dim - k.shape[-1]))
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
-    if q.shape[1] != k.shape[1] and not layer_plan.gqa:
-        # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads.
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    if not layer_plan.gqa:  # torch < 2.13's varlen kernel has no GQA: repeat the K/V heads
+        k, v = _repeat_kv(q, k, v)
     if backend == "torch" and s_aux is not None:
         gqa = q.shape[1] != k.shape[1]
         out = _VarlenWithSinks.apply(q, k, v, s_aux, cu_seqlens, max_seqlen, scaling, window, gqa)
@@ -400,35 +419,30 @@ MAX_HEAD_DIM = 256  # the varlen FlashAttention kernels' widest head (FA2, torch
 
 
 def _rows_sdpa(query, key, value, cu_seqlens, max_seqlen, *, scaling, dropout, sliding_window):
-    """Heads wider than the varlen kernels take (Gemma 4's global layers: 512): torch's SDPA over
-    the padded (N, S) layout of the packed sequences, which picks its memory-efficient kernel for
-    any head dim (math where none fits) instead of materialising the scores as the model's eager
-    attention does. Exact as the reference path is: each sequence starts its row, so the causal
-    mask keeps every real query off the padding after it.
+    """Heads wider than the varlen kernels take (Gemma 4's global layers: 512): torch's SDPA on the
+    rows layout (``_on_rows``), which picks its memory-efficient kernel for any head dim (math
+    where none fits) instead of materialising the scores as the model's eager attention does.
+    Exact as the reference path is.
 
     query, key: (1, H, T, D); value: (1, Hkv, T, Dv). Returns (1, T, Hq, Dv).
     """
-    layout = row_layout(cu_seqlens, max_seqlen, query.shape[2])
+    attend = functools.partial(
+        _sdpa_attention, scaling=scaling, dropout=dropout, sliding_window=sliding_window
+    )
+    return _on_rows(attend, query, key, value, cu_seqlens, max_seqlen)
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, S, D), zeros at padding
-        return to_rows(x[0].transpose(0, 1), layout).transpose(1, 2)
 
-    q, k, v = rows(query), rows(key), rows(value)
-    if k.shape[1] != q.shape[1]:  # expanded here: SDPA's memory-efficient kernel takes no enable_gqa
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    mask = None
-    if sliding_window:
-        pos = torch.arange(q.shape[2], device=q.device)
-        offset = pos[:, None] - pos[None, :]
-        mask = (offset >= 0) & (offset < sliding_window)
+def _sdpa_attention(query, key, value, *, scaling, dropout, sliding_window):
+    """SDPA over (N, H, S, D) rows with a causal (and sliding-window) mask. Returns (N, S, Hq, Dv)."""
+    key, value = _repeat_kv(query, key, value)  # SDPA's memory-efficient kernel takes no enable_gqa
+    mask = _causal_mask(query.shape[2], sliding_window, query.device) if sliding_window else None
     # Not cuDNN's: it builds a plan per new shape, seconds on some (measured on the H100, see the
     # bench's padding-no-cudnn mode), and the rows' shape changes every batch.
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+            query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
         )  # (N, Hq, S, Dv)
-    return from_rows(out.transpose(1, 2), layout).unsqueeze(0)
+    return out.transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- the registered function
@@ -563,10 +577,10 @@ def varlen_attention_forward(
             module, query, key, value, cu_seqlens, max_seqlen,
             scaling=scaling, dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs,
         )  # fmt: skip
-    elif max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+    elif (width := max(query.shape[-1], value.shape[-1])) > MAX_HEAD_DIM:
         _log_once(
-            f"seqpack: backend '{backend}' cannot do head_dim {max(query.shape[-1], value.shape[-1])} > "
-            f"{MAX_HEAD_DIM} ({type(module).__name__}); using SDPA over the padded layout there"
+            f"seqpack: backend '{backend}' cannot do head_dim {width} > {MAX_HEAD_DIM} "
+            f"({type(module).__name__}); using SDPA over the padded layout there"
         )
         out = _rows_sdpa(
             query, key, value, cu_seqlens, max_seqlen,

@@ -368,11 +368,9 @@ def _compile_phases() -> dict[str, float]:
         names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     except Exception:  # a torch without the timers, or with another signature: say nothing
         return {}
-    total = dict(zip(names, (float(v) for v in values), strict=False))
-    spent = {
-        label: total[name] - _phases_seen.get(name, 0.0) for name, label in _PHASES.items() if name in total
-    }
-    _phases_seen.update({name: total[name] for name in _PHASES if name in total})
+    total = {name: float(v) for name, v in zip(names, values, strict=False) if name in _PHASES}
+    spent = {_PHASES[name]: t - _phases_seen.get(name, 0.0) for name, t in total.items()}
+    _phases_seen.update(total)
     return spent
 
 
